@@ -1,0 +1,50 @@
+# gridvqa — `make train` and `make test` do all set-up on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DATA   ?= data/shapes
+PYTEST_ARGS ?=
+
+# No network at run time: hub libraries stay offline, wandb uses its own offline mode unless a key is set.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: help install data train test test-slow test-all lint clean-data
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv and install gridvqa with its dev tools (quick when nothing changed)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+data: $(DATA)/answers.json  ## generate the built-in synthetic data set and its vocabularies
+
+$(DATA)/answers.json: | $(STAMP)
+	$(BIN)/python -m gridvqa.data.synthetic $(DATA)
+	$(BIN)/python -m gridvqa.data.prepare $(DATA)
+
+train: install data  ## prepare the built-in data and run the main job
+	@echo "Data ready in $(DATA)."
+	@echo "VQA training is not built yet (issue 5); the main job will be:"
+	@echo "  $(BIN)/python -m gridvqa.train experiment=e2e"
+
+test: install  ## run the quick test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: install  ## run only the tests marked slow
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: install  ## run every test
+	$(BIN)/python -m pytest -m "slow or not slow" $(PYTEST_ARGS)
+
+lint: install  ## ruff
+	$(BIN)/ruff check src tests scripts
+
+clean-data:  ## remove the generated built-in data
+	rm -rf $(DATA)

@@ -1,0 +1,97 @@
+"""Where files live under a data root: the official VQA v2 / COCO / Visual Genome names.
+
+Pointing `data_root` at a real download laid out the same way is the only change needed to go
+from the built-in synthetic set to real data.
+
+    DATA_ROOT/
+      vqa/v2_OpenEnded_mscoco_{split}_questions.json     # train2014, val2014, test2015 (test-dev too)
+      vqa/v2_mscoco_{split}_annotations.json             # train2014, val2014
+      images/{split}/COCO_{split}_{image_id:012d}.jpg    # COCO images (test2015 for the test split)
+      vg/image_data.json  vg/objects.json  vg/attributes.json
+      vg/objects_vocab.txt  vg/attributes_vocab.txt      # one class per line, synonyms comma-separated
+      vg/VG_100K/{image_id}.jpg  (and vg/VG_100K_2/)     # Visual Genome images
+      answers.json                                       # answer vocabulary (made by gridvqa)
+      tokenizer/                                         # question tokenizer (made by gridvqa)
+      stats.json                                         # synthetic set only: blind priors
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Short split names used in configs -> official COCO/VQA split folder names.
+SPLIT_ALIASES: dict[str, str] = {
+    "train": "train2014",
+    "val": "val2014",
+    "test": "test2015",
+    "test-dev": "test-dev2015",
+    "train2014": "train2014",
+    "val2014": "val2014",
+    "test2015": "test2015",
+    "test-dev2015": "test-dev2015",
+}
+
+
+def official_split(split: str) -> str:
+    """Map `train`/`val`/`test`/`test-dev` (or an official name) to the official split name."""
+    try:
+        return SPLIT_ALIASES[split]
+    except KeyError:
+        known = ", ".join(sorted(SPLIT_ALIASES))
+        raise ValueError(f"unknown split {split!r}; expected one of: {known}") from None
+
+
+def image_folder_split(split: str) -> str:
+    """test-dev questions use the test2015 images."""
+    s = official_split(split)
+    return "test2015" if s.startswith("test") else s
+
+
+def questions_path(root: str | Path, split: str) -> Path:
+    return Path(root) / "vqa" / f"v2_OpenEnded_mscoco_{official_split(split)}_questions.json"
+
+
+def annotations_path(root: str | Path, split: str) -> Path:
+    return Path(root) / "vqa" / f"v2_mscoco_{official_split(split)}_annotations.json"
+
+
+def images_dir(root: str | Path, split: str) -> Path:
+    return Path(root) / "images" / image_folder_split(split)
+
+
+def coco_image_name(split: str, image_id: int) -> str:
+    s = image_folder_split(split)
+    return f"COCO_{s}_{int(image_id):012d}.jpg"
+
+
+def coco_image_path(root: str | Path, split: str, image_id: int) -> Path:
+    return images_dir(root, split) / coco_image_name(split, image_id)
+
+
+def vg_dir(root: str | Path) -> Path:
+    return Path(root) / "vg"
+
+
+VG_IMAGE_DIRS = ("VG_100K", "VG_100K_2")
+
+
+def vg_image_path(root: str | Path, image_id: int) -> Path:
+    """Real VG spreads images over VG_100K and VG_100K_2; return the one that exists (else the first)."""
+    base = vg_dir(root)
+    candidates = [base / d / f"{int(image_id)}.jpg" for d in VG_IMAGE_DIRS]
+    for c in candidates:
+        if c.exists():
+            return c
+    return candidates[0]
+
+
+def answers_path(root: str | Path) -> Path:
+    return Path(root) / "answers.json"
+
+
+def tokenizer_dir(root: str | Path) -> Path:
+    return Path(root) / "tokenizer"
+
+
+def stats_path(root: str | Path) -> Path:
+    return Path(root) / "stats.json"
