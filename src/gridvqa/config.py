@@ -22,3 +22,31 @@ def conf_dir() -> str:
             "or set GRIDVQA_CONF_DIR to the repository's conf/ folder"
         )
     return str(path)
+
+
+def _count_vocab_lines(path: str) -> int:
+    """Number of classes in a one-class-per-line vocabulary file (blank lines ignored)."""
+    from gridvqa.errors import ConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: vocabulary file not found")
+    return sum(1 for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+def _count_answers(path: str) -> int:
+    from gridvqa.data.jsonio import load_json
+
+    return len(load_json(path, "answer vocabulary (make it with: python -m gridvqa.data.prepare DATA_ROOT)")["answers"])
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers so configs read vocabulary sizes from the data instead of constants."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("repo_root"):
+        OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+    if not OmegaConf.has_resolver("vocab_size"):
+        OmegaConf.register_new_resolver("vocab_size", _count_vocab_lines, use_cache=True)
+    if not OmegaConf.has_resolver("num_answers"):
+        OmegaConf.register_new_resolver("num_answers", _count_answers, use_cache=True)
