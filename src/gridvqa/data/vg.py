@@ -94,7 +94,7 @@ class VisualGenome:
             if iid not in sizes:
                 raise DataError(f"{ann_file}: image_id {iid} is not in image_data.json")
             objs = entry.get("attributes" if with_attributes else "objects") or []
-            rec = self._record(iid, sizes[iid], objs)
+            rec = self._record(iid, sizes[iid], objs, with_attributes)
             if len(rec.labels) >= min_boxes:
                 self.records.append(rec)
         self.stats.images = len(self.records)
@@ -115,7 +115,7 @@ class VisualGenome:
                 return p
         return self.dir / layout.VG_IMAGE_DIRS[0] / f"{int(image_id)}.jpg"
 
-    def _record(self, iid: int, size: tuple, objs: list[dict]) -> VGRecord:
+    def _record(self, iid: int, size: tuple, objs: list[dict], with_attributes: bool) -> VGRecord:
         w, h, coco_id = size
         boxes, labels, attrs = [], [], []
         for o in objs:
@@ -132,7 +132,7 @@ class VisualGenome:
                 self.stats.dropped_degenerate += 1
                 continue
             a = []
-            for name in o.get("attributes") or []:
+            for name in (o.get("attributes") or []) if with_attributes else []:
                 idx = self._attr_lookup.get(str(name).strip().lower())
                 if idx is None:
                     self.stats.unknown_attributes += 1

@@ -8,6 +8,7 @@ dilation that dilates *every* res5 block (timm's `output_stride=16` leaves the f
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -97,7 +98,8 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         unknown = [f for f in out_features if f not in STAGE_NAMES]
         if unknown or not out_features:
-            raise ConfigError(f"backbone out_features {list(out_features)} invalid; choose from {STAGE_NAMES}")
+            raise ConfigError(f"backbone out_features {list(out_features)} invalid; "
+                              f"choose from {STAGE_NAMES}")
         self.body = body
         self.arch = arch
         self.norm = norm
@@ -139,7 +141,7 @@ class ResNetBackbone(nn.Module):
                 first.conv1.stride, first.conv2.stride = first.conv2.stride, (1, 1)
 
     def set_res5_dilation(self, d: int) -> None:
-        """Dilate every res5 block's 3x3 conv by `d` (1 or 2); d=2 also removes res5's stride (output stride 16).
+        """Dilate every res5 block's 3x3 conv by `d` (1 or 2); d=2 also drops res5's stride (stride 16).
 
         Same weights either way: pre-training runs dilated, extraction undilated (the recipe's choice).
         """
@@ -182,7 +184,7 @@ class ResNetBackbone(nn.Module):
         self.channels_last = enable
 
     def output_shape(self) -> dict[str, ShapeSpec]:
-        """Channels and strides of every stage, read from timm's feature_info and adjusted for res5 dilation."""
+        """Channels and strides of every stage: timm's feature_info, adjusted for res5 dilation."""
         shapes = dict(self._base_shapes)
         if self.res5_dilation > 1:
             shapes["res5"] = ShapeSpec(shapes["res5"].channels, shapes["res4"].stride)
@@ -233,6 +235,11 @@ class ResNetBackbone(nn.Module):
         """
         from gridvqa.models.safe_load import load_state_dict_file
 
+        meta = _safetensors_meta(path)
+        if self._bottleneck and "stride_in_1x1" in meta and bool(meta["stride_in_1x1"]) != self.stride_in_1x1:
+            # The same tensors give different features with the stride moved: fail loudly, not silently.
+            raise ConfigError(f"{path}: weights expect stride_in_1x1={meta['stride_in_1x1']} but the "
+                              f"backbone was built with stride_in_1x1={self.stride_in_1x1}")
         sd = load_state_dict_file(path)
         if not any(k.startswith("body.") for k in sd) and any(k.startswith("backbone.body.") for k in sd):
             sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
@@ -254,6 +261,24 @@ class ResNetBackbone(nn.Module):
                                   "pass strict=False to allow")
             log.warning("%s: %d backbone weights missing: %s", path, len(missing), ", ".join(missing))
         return missing, unexpected
+
+
+def _safetensors_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The json entry `gridvqa` that convert writes into safetensors metadata ({} if absent)."""
+    if not str(path).endswith(".safetensors") or not os.path.isfile(path):
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("gridvqa")
+    except (SafetensorError, OSError):
+        return {}  # load_state_dict_file reports the unreadable file with its own message
+    try:
+        meta = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def build_backbone(

@@ -1,0 +1,249 @@
+"""VQA datasets and the Lightning data module: questions + answers + a visual source.
+
+Visual sources (the same module serves every experiment):
+- `pixels`: the image itself, through the image pipeline (the backbone runs in the model).
+- `grid_h5` / `region_h5`: pre-extracted features read from HDF5 (see gridvqa.data.features).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from gridvqa.data import layout
+from gridvqa.data.images import ImagePipeline, ResizeFixed, ResizeShortest, SkipCounter, collate_images, load_image
+from gridvqa.data.vqa2 import AnswerVocab, VQAEntry, load_split
+from gridvqa.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("pixels", "grid_h5", "region_h5")
+
+
+class VQADataset(Dataset):
+    """Items: tokenised question, dense soft-score target and the visual input of one question."""
+
+    def __init__(
+        self,
+        entries: Sequence[VQAEntry],
+        q_ids: torch.Tensor,
+        q_mask: torch.Tensor,
+        vocab: AnswerVocab,
+        split: str,
+        data_root: str | Path,
+        source: str = "pixels",
+        pipeline: ImagePipeline | None = None,
+        features=None,
+    ) -> None:
+        if source not in SOURCES:
+            raise ValueError(f"unknown visual source {source!r}; expected one of {SOURCES}")
+        self.entries = list(entries)
+        self.q_ids, self.q_mask = q_ids, q_mask
+        self.vocab = vocab
+        self.split = split
+        self.root = Path(data_root)
+        self.source = source
+        self.pipeline = pipeline
+        self.features = features
+        self.skipped = SkipCounter()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def target(self, e: VQAEntry) -> torch.Tensor:
+        t = torch.zeros(len(self.vocab))
+        for idx, score in self.vocab.targets(e.answers).items():
+            t[idx] = score
+        return t
+
+    def visual(self, e: VQAEntry) -> dict | None:
+        if self.source == "pixels":
+            path = layout.coco_image_path(self.root, self.split, e.image_id)
+            try:
+                img = load_image(path)
+            except DataError as err:
+                self.skipped.add(path, str(err))
+                log.warning("skipping question %d: %s", e.question_id, err)
+                return None
+            tensor, _, info = self.pipeline(img)
+            return {"image": tensor, "orig_size": info["orig_size"]}
+        try:
+            item = self.features.get(e.image_id)
+        except KeyError:
+            self.skipped.add(f"{self.features.path}:{e.image_id}", "image not in the feature file")
+            log.warning("skipping question %d: image %d not in %s", e.question_id, e.image_id, self.features.path)
+            return None
+        if self.source == "grid_h5":
+            grid = torch.from_numpy(np.asarray(item["grid"], dtype=np.float32))  # [H, W, C]
+            return {"grid": grid, "orig_size": tuple(item["image_size"])}
+        return {
+            "regions": torch.from_numpy(np.asarray(item["features"], dtype=np.float32)),
+            "boxes": torch.from_numpy(np.asarray(item["boxes"], dtype=np.float32)),
+            "orig_size": tuple(item["image_size"]),
+        }
+
+    def __getitem__(self, i: int) -> dict | None:
+        e = self.entries[i]
+        v = self.visual(e)
+        if v is None:
+            return None
+        v.update(
+            q_ids=self.q_ids[i],
+            q_mask=self.q_mask[i],
+            target=self.target(e),
+            index=i,
+            question_id=e.question_id,
+            image_id=e.image_id,
+        )
+        return v
+
+
+def collate_vqa(batch: list[dict | None], size_divisibility: int = 32) -> dict | None:
+    """Stack questions and targets; pad images (pixel mask), grids (cell mask) or regions (box mask)."""
+    items = [b for b in batch if b is not None]
+    if not items:
+        return None
+    out = {
+        "q_ids": torch.stack([b["q_ids"] for b in items]),
+        "q_mask": torch.stack([b["q_mask"] for b in items]),
+        "target": torch.stack([b["target"] for b in items]),
+        "index": torch.tensor([b["index"] for b in items]),
+        "question_id": torch.tensor([b["question_id"] for b in items]),
+        "image_id": torch.tensor([b["image_id"] for b in items]),
+        "orig_size": torch.tensor([b["orig_size"] for b in items]),
+    }
+    if "image" in items[0]:
+        out["images"], out["pixel_mask"], out["image_sizes"] = collate_images(
+            [b["image"] for b in items], size_divisibility=size_divisibility
+        )
+    elif "grid" in items[0]:
+        hs = [b["grid"].shape[0] for b in items]
+        ws = [b["grid"].shape[1] for b in items]
+        c = items[0]["grid"].shape[2]
+        grid = torch.zeros(len(items), max(hs), max(ws), c)
+        mask = torch.zeros(len(items), max(hs), max(ws), dtype=torch.bool)
+        for k, b in enumerate(items):
+            grid[k, : hs[k], : ws[k]] = b["grid"]
+            mask[k, : hs[k], : ws[k]] = True
+        out["grid"], out["grid_mask"] = grid, mask
+    else:
+        n = max(b["regions"].shape[0] for b in items)
+        c = items[0]["regions"].shape[1]
+        regions = torch.zeros(len(items), n, c)
+        boxes = torch.zeros(len(items), n, 4)
+        mask = torch.zeros(len(items), n, dtype=torch.bool)
+        for k, b in enumerate(items):
+            m = b["regions"].shape[0]
+            regions[k, :m], boxes[k, :m], mask[k, :m] = b["regions"], b["boxes"], True
+        out["regions"], out["boxes"], out["region_mask"] = regions, boxes, mask
+    return out
+
+
+def build_pipeline(size: Sequence[int] | None, short: int | None, max_size: int | None, norm: str,
+                   hflip_prob: float = 0.0) -> ImagePipeline:
+    resize = ResizeFixed(int(size[0]), int(size[1])) if size is not None else ResizeShortest(short, max_size)
+    return ImagePipeline(resize, norm=norm, hflip_prob=hflip_prob)
+
+
+class VQADataModule(pl.LightningDataModule):
+    """VQA v2-format questions/answers (built-in set or real VQA v2) with one visual source."""
+
+    def __init__(
+        self,
+        data_root: str,
+        source: str = "pixels",
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "test",
+        image_size: Sequence[int] | None = (448, 448),
+        short: int | None = None,
+        max_size: int | None = None,
+        norm: str = "detectron2",
+        features: dict[str, str] | None = None,
+        max_length: int = 14,
+        batch_size: int = 64,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        size_divisibility: int = 32,
+        limit_train: int | None = None,
+        limit_val: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.vocab: AnswerVocab | None = None
+        self.tokenizer = None
+        self.datasets: dict[str, VQADataset] = {}
+
+    def _load_vocab(self) -> None:
+        if self.vocab is None:
+            root = self.hparams.data_root
+            from gridvqa.data.text import load_tokenizer
+
+            self.vocab = AnswerVocab.load(layout.answers_path(root))
+            self.tokenizer = load_tokenizer(layout.tokenizer_dir(root), self.hparams.max_length)
+
+    def dataset(self, split: str) -> VQADataset:
+        """The dataset of one split (cached); questions tokenised once up front."""
+        if split in self.datasets:
+            return self.datasets[split]
+        self._load_vocab()
+        from gridvqa.data.text import encode
+
+        hp = self.hparams
+        entries = load_split(hp.data_root, split)
+        limit = hp.limit_train if split == hp.train_split else hp.limit_val
+        if limit:
+            entries = entries[:limit]
+        if not entries:
+            raise DataError(f"{layout.questions_path(hp.data_root, split)}: no questions")
+        q_ids, q_mask = encode(self.tokenizer, [e.question for e in entries], max_length=hp.max_length)
+        features = None
+        pipeline = None
+        if hp.source == "pixels":
+            pipeline = build_pipeline(hp.image_size, hp.short, hp.max_size, hp.norm)
+        else:
+            from gridvqa.data.features import open_features
+
+            path = (hp.features or {}).get(split)
+            if path is None:
+                raise DataError(f"no feature file configured for split {split!r} (data.features.{split}=PATH)")
+            features = open_features(path)
+        ds = VQADataset(entries, q_ids, q_mask, self.vocab, split, hp.data_root, hp.source, pipeline, features)
+        self.datasets[split] = ds
+        return ds
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.dataset(self.hparams.train_split)
+            self.dataset(self.hparams.val_split)
+        elif stage == "validate":
+            self.dataset(self.hparams.val_split)
+        elif stage in ("test", "predict"):
+            self.dataset(self.hparams.test_split)
+
+    def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            self.dataset(split),
+            batch_size=batch_size or (hp.batch_size if shuffle else hp.val_batch_size or hp.batch_size),
+            shuffle=shuffle,
+            num_workers=hp.num_workers,
+            collate_fn=partial(collate_vqa, size_divisibility=hp.size_divisibility),
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader(self.hparams.train_split, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(self.hparams.val_split)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader(self.hparams.test_split)
