@@ -108,7 +108,7 @@ class ResNetBackbone(nn.Module):
         self.stride_in_1x1 = stride_in_1x1
         self.grad_checkpointing = grad_checkpointing
         self.channels_last = False
-        self.freeze_at = freeze_at
+        self.freeze_at = 0
         self._bottleneck = isinstance(self.body.layer1[0], Bottleneck)
         # timm's feature_info: stem ('act1') then one entry per stage, strides at res5 dilation 1.
         info = {d["module"]: d for d in self.body.feature_info}
@@ -160,7 +160,11 @@ class ResNetBackbone(nn.Module):
         self.res5_dilation = d
 
     def freeze(self, freeze_at: int) -> None:
-        """Freeze the stem (1) and stages up to res{freeze_at} as detectron2: no grads, BN turned FrozenBN."""
+        """Freeze the stem (1) and stages up to res{freeze_at} as detectron2: no grads, BN turned FrozenBN.
+
+        Freezing only adds (rebuild to unfreeze). Call it before making the optimizer: BN parameters of
+        frozen stages become FrozenBN buffers.
+        """
         if not 0 <= freeze_at <= 5:
             raise ConfigError(f"freeze_at must be in 0..5 (0 = nothing, 1 = stem, 5 = all), got {freeze_at}")
         groups: list[tuple[str, list[str]]] = [("stem", ["conv1", "bn1"])]
@@ -171,10 +175,13 @@ class ResNetBackbone(nn.Module):
                 setattr(self.body, n, module)
                 for p in module.parameters():
                     p.requires_grad_(False)
-        self.freeze_at = freeze_at
+        self.freeze_at = max(self.freeze_at, freeze_at)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each stage in backward instead of storing its activations (training only)."""
+        """Recompute each stage in backward instead of storing its activations (training only).
+
+        With trainable BN the recomputation updates running statistics a second time; FrozenBN / GN are exact.
+        """
         self.grad_checkpointing = enable
 
     def set_channels_last(self, enable: bool = True) -> None:
