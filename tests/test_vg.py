@@ -13,17 +13,31 @@ def vg(tmp_path):
     d.mkdir()
     (d / "objects_vocab.txt").write_text("circle,disc\nsquare\n")
     (d / "attributes_vocab.txt").write_text("red\nblue\nlarge,big\n")
-    (d / "image_data.json").write_text(json.dumps([
-        {"image_id": 1, "width": 100, "height": 80, "coco_id": 11},
-        {"image_id": 2, "width": 50, "height": 50, "coco_id": None}]))
+    (d / "image_data.json").write_text(
+        json.dumps(
+            [
+                {"image_id": 1, "width": 100, "height": 80, "coco_id": 11},
+                {"image_id": 2, "width": 50, "height": 50, "coco_id": None},
+            ]
+        )
+    )
     objs = [
-        {"object_id": 1, "x": 10, "y": 5, "w": 20, "h": 30, "names": ["Disc"], "attributes": ["red", "big", "shiny"]},
+        {
+            "object_id": 1,
+            "x": 10,
+            "y": 5,
+            "w": 20,
+            "h": 30,
+            "names": ["Disc"],
+            "attributes": ["red", "big", "shiny"],
+        },
         {"object_id": 2, "x": 90, "y": 70, "w": 30, "h": 30, "names": ["square"]},
         {"object_id": 3, "x": 0, "y": 0, "w": 5, "h": 5, "names": ["tree"]},
         {"object_id": 4, "x": 5, "y": 5, "w": 0, "h": 5, "names": ["square"]},
     ]
-    (d / "attributes.json").write_text(json.dumps([
-        {"image_id": 1, "attributes": objs}, {"image_id": 2, "attributes": []}]))
+    (d / "attributes.json").write_text(
+        json.dumps([{"image_id": 1, "attributes": objs}, {"image_id": 2, "attributes": []}])
+    )
     (d / "objects.json").write_text(json.dumps([{"image_id": 1, "objects": objs}]))
     return d
 

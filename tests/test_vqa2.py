@@ -15,7 +15,9 @@ TEN = lambda *xs: [x for x, n in xs for _ in range(n)]  # noqa: E731
 def root(tmp_path):
     items = []
     for k in range(12):
-        items.append((k * 10 + 1, k, "What color is the circle?", TEN(("Red", 6), ("red.", 2), ("blue", 2)), "other"))
+        items.append(
+            (k * 10 + 1, k, "What color is the circle?", TEN(("Red", 6), ("red.", 2), ("blue", 2)), "other")
+        )
         items.append((k * 10 + 2, k, "How many squares?", TEN(("two", 3), ("2", 3), ("3", 4)), "number"))
     items.append((999, 50, "Is it rare?", TEN(("maybe", 10)), "yes/no"))
     write_split(tmp_path, "train", items)

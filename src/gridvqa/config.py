@@ -37,7 +37,11 @@ def _count_vocab_lines(path: str) -> int:
 def _count_answers(path: str) -> int:
     from gridvqa.data.jsonio import load_json
 
-    return len(load_json(path, "answer vocabulary (make it with: python -m gridvqa.data.prepare DATA_ROOT)")["answers"])
+    return len(
+        load_json(path, "answer vocabulary (make it with: python -m gridvqa.data.prepare DATA_ROOT)")[
+            "answers"
+        ]
+    )
 
 
 def register_resolvers() -> None:

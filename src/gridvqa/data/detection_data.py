@@ -12,7 +12,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gridvqa.data import layout
-from gridvqa.data.images import ImagePipeline, ResizeFixed, ResizeShortest, SkipCounter, collate_images, load_image
+from gridvqa.data.images import (
+    ImagePipeline,
+    ResizeFixed,
+    ResizeShortest,
+    SkipCounter,
+    collate_images,
+    load_image,
+)
 from gridvqa.data.vg import VisualGenome
 from gridvqa.errors import DataError
 
@@ -26,7 +33,9 @@ class VGDetectionDataset(Dataset):
     bad file never ends an epoch.
     """
 
-    def __init__(self, vg: VisualGenome, indices: Sequence[int], pipeline: ImagePipeline, seed: int = 0) -> None:
+    def __init__(
+        self, vg: VisualGenome, indices: Sequence[int], pipeline: ImagePipeline, seed: int = 0
+    ) -> None:
         self.vg = vg
         self.indices = list(indices)
         self.pipeline = pipeline
@@ -70,14 +79,17 @@ def collate_detection(batch: list[dict | None], size_divisibility: int = 32) -> 
     return {
         "images": images,
         "image_sizes": [tuple(int(v) for v in s) for s in sizes],
-        "targets": [{"boxes": b["boxes"], "labels": b["labels"], "attributes": b["attributes"]} for b in items],
+        "targets": [
+            {"boxes": b["boxes"], "labels": b["labels"], "attributes": b["attributes"]} for b in items
+        ],
         "image_ids": [b["image_id"] for b in items],
         "infos": [b["info"] for b in items],
     }
 
 
-def build_resize(short: int | Sequence[int] | None = None, max_size: int | None = None,
-                 size: Sequence[int] | None = None):
+def build_resize(
+    short: int | Sequence[int] | None = None, max_size: int | None = None, size: Sequence[int] | None = None
+):
     """`size=(h, w)` -> fixed resize; else shortest-side resize (short may be a tuple to choose from)."""
     if size is not None:
         return ResizeFixed(int(size[0]), int(size[1]))
@@ -127,13 +139,16 @@ class VGDataModule(pl.LightningDataModule):
         if hp.exclude_vqa_val and layout.questions_path(hp.data_root, "val").is_file():
             from gridvqa.data.vqa2 import read_questions
 
-            self.vg.exclude_coco_ids({int(q["image_id"]) for q in read_questions(
-                layout.questions_path(hp.data_root, "val"))})
+            self.vg.exclude_coco_ids(
+                {int(q["image_id"]) for q in read_questions(layout.questions_path(hp.data_root, "val"))}
+            )
         order = np.random.default_rng(hp.seed).permutation(len(self.vg))
         n_val = max(1, int(round(len(order) * hp.val_fraction)))
         if hp.max_val_images:
             n_val = min(n_val, hp.max_val_images)
-        train_pipe = ImagePipeline(build_resize(hp.train_short, hp.max_size), norm=hp.norm, hflip_prob=hp.hflip_prob)
+        train_pipe = ImagePipeline(
+            build_resize(hp.train_short, hp.max_size), norm=hp.norm, hflip_prob=hp.hflip_prob
+        )
         test_pipe = ImagePipeline(build_resize(hp.test_short, hp.max_size), norm=hp.norm)
         self.train_set = VGDetectionDataset(self.vg, order[n_val:].tolist(), train_pipe, seed=hp.seed)
         self.val_set = VGDetectionDataset(self.vg, sorted(order[:n_val].tolist()), test_pipe, seed=hp.seed)

@@ -18,7 +18,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gridvqa.data import layout
-from gridvqa.data.images import ImagePipeline, ResizeFixed, ResizeShortest, SkipCounter, collate_images, load_image
+from gridvqa.data.images import (
+    ImagePipeline,
+    ResizeFixed,
+    ResizeShortest,
+    SkipCounter,
+    collate_images,
+    load_image,
+)
 from gridvqa.data.vqa2 import AnswerVocab, VQAEntry, load_split
 from gridvqa.errors import DataError
 
@@ -78,7 +85,9 @@ class VQADataset(Dataset):
             item = self.features.get(e.image_id)
         except KeyError:
             self.skipped.add(f"{self.features.path}:{e.image_id}", "image not in the feature file")
-            log.warning("skipping question %d: image %d not in %s", e.question_id, e.image_id, self.features.path)
+            log.warning(
+                "skipping question %d: image %d not in %s", e.question_id, e.image_id, self.features.path
+            )
             return None
         if self.source == "grid_h5":
             grid = torch.from_numpy(np.asarray(item["grid"], dtype=np.float32))  # [H, W, C]
@@ -146,8 +155,9 @@ def collate_vqa(batch: list[dict | None], size_divisibility: int = 32) -> dict |
     return out
 
 
-def build_pipeline(size: Sequence[int] | None, short: int | None, max_size: int | None, norm: str,
-                   hflip_prob: float = 0.0) -> ImagePipeline:
+def build_pipeline(
+    size: Sequence[int] | None, short: int | None, max_size: int | None, norm: str, hflip_prob: float = 0.0
+) -> ImagePipeline:
     resize = ResizeFixed(int(size[0]), int(size[1])) if size is not None else ResizeShortest(short, max_size)
     return ImagePipeline(resize, norm=norm, hflip_prob=hflip_prob)
 
@@ -213,9 +223,13 @@ class VQADataModule(pl.LightningDataModule):
 
             path = (hp.features or {}).get(split)
             if path is None:
-                raise DataError(f"no feature file configured for split {split!r} (data.features.{split}=PATH)")
+                raise DataError(
+                    f"no feature file configured for split {split!r} (data.features.{split}=PATH)"
+                )
             features = open_features(path)
-        ds = VQADataset(entries, q_ids, q_mask, self.vocab, split, hp.data_root, hp.source, pipeline, features)
+        ds = VQADataset(
+            entries, q_ids, q_mask, self.vocab, split, hp.data_root, hp.source, pipeline, features
+        )
         self.datasets[split] = ds
         return ds
 

@@ -76,7 +76,7 @@ class DetectionModule(pl.LightningModule):
     def configure_optimizers(self) -> dict:
         hp = self.hparams
         decay, no_decay = [], []
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
         opt = torch.optim.SGD(
@@ -84,7 +84,9 @@ class DetectionModule(pl.LightningModule):
             lr=hp.lr,
             momentum=hp.momentum,
         )
-        fn = partial(warmup_multistep, warmup_steps=hp.warmup_steps, milestones=tuple(hp.milestones), gamma=hp.gamma)
+        fn = partial(
+            warmup_multistep, warmup_steps=hp.warmup_steps, milestones=tuple(hp.milestones), gamma=hp.gamma
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -100,14 +102,15 @@ def export_weights(module: DetectionModule, export_dir: str | Path) -> Path:
     d = Path(export_dir)
     d.mkdir(parents=True, exist_ok=True)
     det_sd = {k: v for k, v in module.detector.state_dict().items() if not k.endswith("num_batches_tracked")}
-    bb_sd = {k[len("backbone."):]: v for k, v in det_sd.items() if k.startswith("backbone.")}
+    bb_sd = {k[len("backbone.") :]: v for k, v in det_sd.items() if k.startswith("backbone.")}
     hp = dict(module.hparams)
     meta = {"kind": hp["kind"], "backbone": dict(hp["backbone"]), "num_classes": hp["num_classes"]}
     save_safetensors(bb_sd, d / "backbone.safetensors", {"config": json.dumps(meta)})
     save_safetensors(det_sd, d / "detector.safetensors", {"config": json.dumps(meta)})
     from gridvqa.data.jsonio import atomic_write_json
 
-    atomic_write_json(d / "config.json", {k: (dict(v) if isinstance(v, dict) else v) for k, v in hp.items()},
-                      indent=2)
+    atomic_write_json(
+        d / "config.json", {k: (dict(v) if isinstance(v, dict) else v) for k, v in hp.items()}, indent=2
+    )
     log.info("exported backbone and detector weights to %s", d)
     return d
