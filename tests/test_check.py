@@ -87,7 +87,9 @@ def broken_root(tmp_path) -> tuple[Path, dict[str, str]]:
     img_path(root, 10).write_bytes(big[: len(big) // 2])  # truncated JPEG
     img_path(root, 11).write_bytes(b"")  # empty
     img_path(root, 12).write_bytes(os.urandom(len(good)))  # random bytes
-    # 13: referenced, no file
+    # 13: referenced, no file; decoys that the dataset would not open (wrong extension, wrong split):
+    Image.new("RGB", (8, 8)).save(img_path(root, 13).with_suffix(".png"))
+    Image.new("RGB", (8, 8)).save(img_path(root, 13).parent / "COCO_train2014_000000000013.jpg")
     write_split(root, SPLIT, items_for([1, 2, 10, 11, 12, 13]))
     apath = layout.annotations_path(root, SPLIT)
     anns = json.loads(apath.read_text())
@@ -181,6 +183,7 @@ def test_defaults_and_missing_things(tmp_path):
     write_split(root, "test", [(1, 5, "q?", [], "other")])  # test split: no annotations, no image folder
     rep = check(root)
     assert rep.counts["splits"] == 1
-    assert [(p.kind, p.path) for p in rep.problems] == [("missing_file", str(layout.images_dir(root, "test")))]
+    no_folder = str(layout.images_dir(root, "test"))
+    assert [(p.kind, p.path) for p in rep.problems] == [("missing_file", no_folder)]
     res = run_cli(str(root), "--splits", "nonsense")
     assert res.returncode == 2 and "unknown split" in res.stderr

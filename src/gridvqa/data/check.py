@@ -213,7 +213,11 @@ def check_split(
     qdata = _load(questions, "VQA questions file", report)
     qs = _records(qdata, "questions", questions, ("image_id", "question", "question_id"), report) \
         if qdata is not None else None
-    qs = qs or []
+    if qs is None:
+        # Without questions every cross-check would only repeat this one problem; still parse the rest.
+        if annotations is not None:
+            _load(annotations, "VQA annotations file", report)
+        return
     report.counts["questions"] += len(qs)
 
     q_by_id: dict[int, dict] = {}
