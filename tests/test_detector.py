@@ -303,7 +303,7 @@ def test_detectron2_heads_convert_with_class_and_anchor_permutations():
     torch.testing.assert_close(emb[0], sd["roi_heads.attribute_predictor.obj_embed.weight"][-1])
     torch.testing.assert_close(emb[3], sd["roi_heads.attribute_predictor.obj_embed.weight"][2])
 
-    with pytest.raises(ConfigError, match="objectness_logits has 12 channels, expected 15"):
+    with pytest.raises(ConfigError, match=r"objectness_logits\.weight has 12 channels, expected 15"):
         detectron2_heads_to_detector(sd, num_sizes=5, num_ratios=3)
 
 

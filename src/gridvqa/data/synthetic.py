@@ -261,7 +261,7 @@ class AttributeOf(Template):
 class SizeYesNo(Template):
     """'Is the red circle large?'"""
 
-    family, weight = "size", 0.04
+    family, weight = "size", 0.02
 
     def params(self, rng):
         return {"ref": _sample_desc(rng, REF_KINDS), "size": SIZES[int(rng.integers(2))]}
@@ -291,7 +291,7 @@ class SizeYesNo(Template):
 class Count(Template):
     """'How many red objects are there?' -> 0..4 (0..3 for two-attribute descriptions)."""
 
-    family, weight = "count", 0.20
+    family, weight = "count", 0.24
     kinds = (("shape",), ("color",), ("color", "shape"), ("size", "shape"))
 
     def params(self, rng):
@@ -327,7 +327,7 @@ class Count(Template):
 class Exists(Template):
     """'Is there a blue square?'"""
 
-    family, weight = "exist", 0.10
+    family, weight = "exist", 0.06
     kinds = (("shape",), ("color",), ("color", "shape"), ("size", "shape"))
 
     def params(self, rng):
@@ -381,7 +381,7 @@ def _realise_pair(s: State, geo: Sequence[Place], a: Desc, b: Desc, rel: str,
 class Relation(Template):
     """'Is the red circle to the left of the blue square?' -> yes/no."""
 
-    family, weight = "position", 0.08
+    family, weight = "position", 0.06
 
     def params(self, rng):
         a, b = _two_refs(rng)
@@ -412,7 +412,7 @@ class Relation(Template):
 class Choice(Template):
     """'Is the red circle to the left or to the right of the star?' -> left/right (or above/below)."""
 
-    family, weight = "position", 0.08
+    family, weight = "position", 0.06
 
     def params(self, rng):
         a, b = _two_refs(rng)
@@ -440,7 +440,7 @@ class Choice(Template):
 class Extreme(Template):
     """'What color is the leftmost object?', 'What shape is the topmost object?'"""
 
-    family, weight = "position", 0.10
+    family, weight = "position", 0.12
 
     def params(self, rng):
         return {"which": tuple(EXTREME_REL)[int(rng.integers(4))], "attr": ("color", "shape")[int(rng.integers(2))]}
@@ -464,10 +464,10 @@ class Extreme(Template):
 
 
 TEMPLATES: tuple[Template, ...] = (
-    AttributeOf("color", "color", (("shape",), ("size", "shape")), ("What color is the {}?",), 0.18),
+    AttributeOf("color", "color", (("shape",), ("size", "shape")), ("What color is the {}?",), 0.20),
     AttributeOf("shape", "shape", (("color",), ("size", "color")),
-                ("What shape is the {}?", "What is the shape of the {}?"), 0.14),
-    AttributeOf("size", "size", REF_KINDS, ("Is the {} large or small?", "What size is the {}?"), 0.08),
+                ("What shape is the {}?", "What is the shape of the {}?"), 0.18),
+    AttributeOf("size", "size", REF_KINDS, ("Is the {} large or small?", "What size is the {}?"), 0.06),
     SizeYesNo(),
     Count(),
     Exists(),
@@ -527,29 +527,33 @@ def make_scene(rng: np.random.Generator, counts: dict[str, Counter], questions_p
     weights = weights / weights.sum()
     chosen: list[Question] = []
     used: set[str] = set()
-    for _attempt in range(12 * questions_per_image):
+    for _slot in range(2 * questions_per_image):
         if len(chosen) >= questions_per_image:
             break
+        # The template is drawn once per slot and retried with new parameters, so the family mix follows
+        # the weights instead of drifting to the families that are easiest to realise.
         tmpl = TEMPLATES[int(rng.choice(len(TEMPLATES), p=weights))]
-        p = tmpl.params(rng)
-        text = tmpl.text(p)
-        if text in used:
-            continue
-        # Strictly answer-first: one of this string's least-used answers, drawn without looking at the
-        # scene; if the scene cannot have it, drop the question. Falling back to an answer the scene
-        # allows would favour easy answers (count 0, "no") and hand a blind model a prior.
-        seen = counts[text]
-        domain = tmpl.domain(p)
-        least = min(seen[a] for a in domain)
-        tied = [a for a in domain if seen[a] == least]
-        ans = tied[int(rng.integers(len(tied)))]
-        t = tmpl.realise(state, geo, p, ans, rng)
-        if t is None:
-            continue
-        state = t
-        seen[ans] += 1
-        used.add(text)
-        chosen.append(Question(tmpl, p, text, ans))
+        for _try in range(10):
+            p = tmpl.params(rng)
+            text = tmpl.text(p)
+            if text in used:
+                continue
+            # Strictly answer-first: one of this string's least-used answers, drawn without looking at
+            # the scene; if the scene cannot have it, the question is dropped. Falling back to an answer
+            # the scene allows would favour easy answers (count 0, "no") and hand a blind model a prior.
+            seen = counts[text]
+            domain = tmpl.domain(p)
+            least = min(seen[a] for a in domain)
+            tied = [a for a in domain if seen[a] == least]
+            ans = tied[int(rng.integers(len(tied)))]
+            t = tmpl.realise(state, geo, p, ans, rng)
+            if t is None:
+                continue
+            state = t
+            seen[ans] += 1
+            used.add(text)
+            chosen.append(Question(tmpl, p, text, ans))
+            break
     objs = [{k: sorted(a[k])[int(rng.integers(len(a[k])))] for k in DOMAINS} for a in state]
     for q in chosen:
         got = q.template.truth(objs, geo, q.params)

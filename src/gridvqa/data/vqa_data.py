@@ -110,6 +110,8 @@ class VQADataset(Dataset):
             index=i,
             question_id=e.question_id,
             image_id=e.image_id,
+            answers=e.answers,
+            answer_type=e.answer_type or "other",
         )
         return v
 
@@ -127,6 +129,8 @@ def collate_vqa(batch: list[dict | None], size_divisibility: int = 32) -> dict |
         "question_id": torch.tensor([b["question_id"] for b in items]),
         "image_id": torch.tensor([b["image_id"] for b in items]),
         "orig_size": torch.tensor([b["orig_size"] for b in items]),
+        "answers": [b["answers"] for b in items],
+        "answer_type": [b["answer_type"] for b in items],
     }
     if "image" in items[0]:
         out["images"], out["pixel_mask"], out["image_sizes"] = collate_images(

@@ -113,10 +113,11 @@ class DetectionAP(Metric):
                 top = torch.argsort(scores, descending=True, stable=True)[:k]
                 boxes, scores, labels = boxes[top], scores[top], labels[top]
             tp = match_detections(boxes, scores, labels, gt_boxes, gt_labels, self.iou_thresh)
-            self.det_scores.append(scores.detach().float().reshape(-1))
-            self.det_labels.append(labels.detach().long().reshape(-1))
-            self.det_tp.append(tp.to(self.device))
-            self.gt_labels.append(gt_labels.detach().long().reshape(-1))
+            self.det_scores.append(scores.detach().float().reshape(-1).to(self.device))
+            self.det_labels.append(labels.detach().long().reshape(-1).to(self.device))
+            # float, not bool: every backend can all_gather it
+            self.det_tp.append(tp.to(device=self.device, dtype=torch.float32))
+            self.gt_labels.append(gt_labels.detach().long().reshape(-1).to(self.device))
 
     def compute(self) -> dict[str, Tensor | int]:
         scores = _cat(self.det_scores, torch.float32).cpu()
