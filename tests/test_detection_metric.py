@@ -55,7 +55,8 @@ def test_duplicate_detection_is_a_false_positive():
     preds, targets = [pred([A, NEAR_A, B], [0.9, 0.8, 0.7], [1, 1, 1])], [gt([A, B], [1, 1])]
     assert ap(preds, targets, "voc_all")["ap50"].item() == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
     assert ap(preds, targets, "coco101")["ap50"].item() == pytest.approx((51 + 50 * 2 / 3) / 101)
-    tp = match_detections(*pred([A, NEAR_A, B], [0.9, 0.8, 0.7], [1, 1, 1]).values(), *gt([A, B], [1, 1]).values())
+    p, g = pred([A, NEAR_A, B], [0.9, 0.8, 0.7], [1, 1, 1]), gt([A, B], [1, 1])
+    tp = match_detections(*p.values(), *g.values())
     assert tp.tolist() == [True, False, True]
 
 
@@ -90,6 +91,7 @@ def test_max_detections_per_image_drops_the_lowest_scores():
     assert ap(preds, [gt([A], [1])], "voc_all")["ap50"].item() == pytest.approx(0.5)
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
 def test_merged_states_equal_one_pass_as_under_ddp():
     preds = [pred([C, A], [0.9, 0.8], [1, 1]), pred([B], [0.95], [2]), pred([], [], [])]
     targets = [gt([A], [1]), gt([B, C], [2, 1]), gt([A], [2])]

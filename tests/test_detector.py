@@ -84,7 +84,7 @@ def test_eval_returns_boxes_inside_each_image_and_region_features(kind):
         out = det(images, sizes)
     width = 64 if kind == "grid" else det.backbone.output_shape()["res5"].channels
     assert det.feature_dim == width
-    for res, (h, w) in zip(out, sizes):
+    for res, (h, w) in zip(out, sizes, strict=True):
         k = res["boxes"].shape[0]
         assert 5 <= k <= 20
         b = res["boxes"]
@@ -202,7 +202,7 @@ def test_attribute_loss_equals_grid_feats_formulation():
     assert attribute_loss(scores, labels, 0.5).item() == pytest.approx(ref.item(), rel=1e-5)
 
 
-# -- anchors and RPN -------------------------------------------------------------------------------------------
+# -- anchors and RPN --------------------------------------------------------------------------------
 def d2_cell_anchors(sizes, ratios):
     """detectron2 DefaultAnchorGenerator.generate_cell_anchors: size-major, unrounded."""
     out = []
@@ -238,7 +238,7 @@ def test_rpn_boundary_threshold_ignores_anchors_crossing_the_border():
     assert labels[0].tolist() == [0.0, 1.0, 0.0]
 
 
-# -- detectron2 head conversion --------------------------------------------------------------------------------
+# -- detectron2 head conversion ----------------------------------------------------------------------
 def test_detectron2_heads_convert_with_class_and_anchor_permutations():
     sizes, ratios = [16, 32, 64, 128], [0.5, 1.0, 2.0]
     S, R, A, C, NA = len(sizes), len(ratios), len(sizes) * len(ratios), 5, 4
@@ -255,11 +255,12 @@ def test_detectron2_heads_convert_with_class_and_anchor_permutations():
         "proposal_generator.rpn_head.conv.weight": rnd(ch, ch, 3, 3),
         "proposal_generator.rpn_head.conv.bias": rnd(ch),
         # channel d of detectron2's objectness / delta block d holds the value d: we can see where it lands
-        "proposal_generator.rpn_head.objectness_logits.weight": chan.view(A, 1, 1, 1).expand(A, ch, 1, 1).clone(),
+        "proposal_generator.rpn_head.objectness_logits.weight": chan.view(A, 1, 1, 1).expand(A, ch, 1, 1) + 0,
         "proposal_generator.rpn_head.objectness_logits.bias": chan.clone(),
         "proposal_generator.rpn_head.anchor_deltas.weight": chan.repeat_interleave(4).view(4 * A, 1, 1, 1)
         .expand(4 * A, ch, 1, 1).clone(),
-        "proposal_generator.rpn_head.anchor_deltas.bias": chan.repeat_interleave(4) * 10 + torch.arange(4).repeat(A),
+        "proposal_generator.rpn_head.anchor_deltas.bias": chan.repeat_interleave(4) * 10
+        + torch.arange(4).repeat(A),
         "roi_heads.box_head.fc1.weight": rnd(D, ch),
         "roi_heads.box_head.fc1.bias": rnd(D),
         "roi_heads.box_head.fc2.weight": rnd(D, D),
@@ -307,7 +308,7 @@ def test_detectron2_heads_convert_with_class_and_anchor_permutations():
         detectron2_heads_to_detector(sd, num_sizes=5, num_ratios=3)
 
 
-# -- learning -------------------------------------------------------------------------------------------------
+# -- learning --------------------------------------------------------------------------------
 def _overfit(kind: str, steps: int) -> list[dict[str, float]]:
     det = make_detector(kind, norm="GN").train()
     images, sizes, targets = synthetic_batch()

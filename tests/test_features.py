@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import h5py
@@ -106,7 +107,9 @@ def test_region_roundtrip_optional_fields(tmp_path):
         with pytest.raises(ValueError, match="give it for all or none"):
             w.add_region(7, image_size=(5, 5), **make_region(7, attrs=False))
         d = make_region(8)
-        w.add_region(8, d["features"], d["boxes"], (5, 5), attr_labels=d["attr_labels"], attr_scores=d["attr_scores"])
+        w.add_region(
+            8, d["features"], d["boxes"], (5, 5), attr_labels=d["attr_labels"], attr_scores=d["attr_scores"]
+        )
     r = open_features(path)
     assert isinstance(r, RegionFeatures) and r.has_attributes and len(r) == 7
     for i in range(6):
@@ -286,6 +289,8 @@ with FeatureWriter(sys.argv[1], "grid", PROV, commit_bytes=600) as w:
     for i in range(int(sys.argv[2])):
         if w.add_grid(i, make_grid(i), (100 + i, 200 + i)) and w.pending == 0:
             print(len(w.done_ids), flush=True)  # a commit just happened
+    w.flush()
+    print("closing", flush=True)  # consolidation follows
 """
 
 
@@ -302,33 +307,39 @@ def _check_intact(path: Path) -> set[int]:
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    n = 240
+    n = 500
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(CHILD.format(tests=str(Path(__file__).parent))))
     path = tmp_path / "killed" / "g.h5"
+    cmd = [sys.executable, str(script), str(path), str(n)]
     rng = random.Random(0)
-    kills, seen = 0, 0
-    for _ in range(6):
-        child = subprocess.Popen(
-            [sys.executable, str(script), str(path), str(n)], stdout=subprocess.PIPE, text=True
-        )
-        first = child.stdout.readline()  # wait for this run's first commit: progress, then a random moment
-        if first:
-            assert _check_intact(path) >= set()  # readable while the writer is running
-            import time
-
-            time.sleep(rng.uniform(0, 0.25))
+    seen = 0
+    # Five kills in the middle of extraction, the sixth during the final consolidation.
+    for round_ in range(6):
+        target = seen + rng.randint(20, 50) if round_ < 5 else None
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        for line in child.stdout:
+            if line.strip() == "closing" if target is None else int(line) >= target:
+                break
+        else:
+            pytest.fail(f"the writer finished before round {round_} could kill it")
+        if round_ in (1, 3):
+            _check_intact(path)  # readable while the writer is running (it goes on meanwhile)
+        # a random moment: mid-add, mid-part, mid-index; in the last round within the consolidation
+        time.sleep(rng.uniform(0, 0.02 if target is not None else 0.1))
         child.send_signal(signal.SIGKILL)
         child.wait()
         child.stdout.close()
-        if child.returncode == -signal.SIGKILL:
-            kills += 1
-            done = _check_intact(path)  # readable after the writer died, nothing half-written visible
-            assert len(done) >= seen  # committed images are never lost
-            seen = len(done)
-    assert kills >= 3 and 0 < seen < n
-    final = subprocess.run([sys.executable, str(script), str(path), str(n)], capture_output=True, text=True)
+        # the consolidation may beat the last kill: then this round checks the finished file
+        assert child.returncode == -signal.SIGKILL or (target is None and child.returncode == 0)
+        done = _check_intact(path)  # readable after the writer died, nothing half-written visible
+        assert len(done) >= max(seen, target or n)  # committed images are never lost
+        seen = len(done)
+        print("ROUND", round_, target, seen, os.listdir(path.parent), len(os.listdir(path.parent / "g.h5.parts")) if (path.parent / "g.h5.parts").exists() else None)
+    assert seen == n
+    final = subprocess.run(cmd, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
+    assert final.stdout.split() == ["closing"]  # nothing left to extract
     assert _check_intact(path) == set(range(n))
     assert sorted(os.listdir(path.parent)) == ["g.h5"]  # leftovers of the killed runs are gone
 

@@ -58,11 +58,13 @@ reopened for writing (status flags need the h5clear tool) and plain ``"r"`` open
 
 from __future__ import annotations
 
+import bisect
 import json
 import operator
 import os
 import secrets
 import shutil
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +142,22 @@ def _replace(tmp: Path, dst: Path) -> None:
 
 def _load_index(path: Path) -> _Index:
     """Read and check a feature file's attributes and per-image datasets (not the per-row data)."""
+    for _ in range(3):
+        inode = path.stat().st_ino if path.is_file() else None
+        try:
+            return _load_index_once(path)
+        except _MissingPart as e:
+            # A writer consolidating right now removes parts just after replacing the file: read it again.
+            if not path.is_file() or path.stat().st_ino == inode:
+                raise DataError(str(e)) from None
+    raise DataError(f"{path}: the file keeps changing while being opened")
+
+
+class _MissingPart(Exception):
+    pass
+
+
+def _load_index_once(path: Path) -> _Index:
     if not path.is_file():
         raise DataError(f"{path}: feature file not found")
     try:
@@ -193,7 +211,9 @@ def _load_index(path: Path) -> _Index:
         raise DataError(f"{path}: malformed feature file (part_rows do not add up to {total} rows)")
     for name, _ in parts:
         if not (_parts_dir(path) / name).is_file():
-            raise DataError(f"{path}: part file {_parts_dir(path) / name} is missing (move it with the file)")
+            raise _MissingPart(
+                f"{path}: part file {_parts_dir(path) / name} is missing (move it with the file)"
+            )
     return _Index(
         kind=kind,
         provenance=prov,
@@ -637,20 +657,30 @@ class FeatureWriter:
 
 
 class _FeatureReader:
-    """Shared reader logic. The HDF5 handle is opened lazily in each process (DataLoader workers fork)."""
+    """Shared reader logic.
+
+    HDF5 handles are opened lazily in each process, so a reader can be handed to DataLoader workers (fork
+    or spawn). An unconsolidated file is read straight from its part files (an image never spans two), not
+    through the virtual datasets: a part once opened stays readable, and if a part vanished because the
+    writer consolidated meanwhile, the reader reloads the file and reads the consolidated copy.
+    """
 
     kind = ""
+    max_open_parts = 64  # per process; part handles beyond this are closed least-recently-used first
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._load()
+        self._handles: OrderedDict[str, h5py.File] = OrderedDict()
+        self._pid = -1
+
+    def _load(self) -> None:
         index = _load_index(self.path)
         if index.kind != self.kind:
             raise DataError(f"{self.path}: a {index.kind} feature file, expected {self.kind}")
         self._index = index
         self._row = {image_id: i for i, image_id in enumerate(index.image_ids)}
-        self._h5: h5py.File | None = None
-        self._datasets: dict[str, h5py.Dataset] = {}
-        self._pid = -1
+        self._part_starts = np.cumsum([0] + [n for _, n in index.parts])[:-1].tolist()
 
     def __len__(self) -> int:
         return len(self._index.image_ids)
@@ -677,33 +707,57 @@ class _FeatureReader:
     def dtype(self) -> str:
         return self._index.dtype
 
-    def _locate(self, image_id: int) -> tuple[int, int, int]:
-        """(entry, first row, row count); KeyError for an id not in the file."""
+    def _entry(self, image_id: int) -> int:
         try:
-            i = self._row[image_id]
+            return self._row[image_id]
         except (KeyError, TypeError):
             raise KeyError(image_id) from None
-        o = self._index.offset[i]
-        return i, o, o + int(np.prod(self._index.extent[i]))
 
-    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+    def _handle(self, name: str) -> h5py.File:
         if self._pid != os.getpid():
-            # A handle inherited through fork must not be used (or closed) here: open our own.
-            self._h5, self._datasets, self._pid = h5py.File(self.path, "r"), {}, os.getpid()
-        ds = self._datasets.get(name)
-        if ds is None:
-            assert self._h5 is not None
-            ds = self._datasets[name] = self._h5[name]
-        return ds[start:stop]
+            # Handles inherited through fork must not be used (or closed) here: open our own.
+            self._handles, self._pid = OrderedDict(), os.getpid()
+        h = self._handles.get(name)
+        if h is None:
+            path = self.path if name == "" else _parts_dir(self.path) / name
+            h = self._handles[name] = h5py.File(path, "r")
+            if len(self._handles) > self.max_open_parts:
+                self._handles.popitem(last=False)[1].close()
+        else:
+            self._handles.move_to_end(name)
+        return h
+
+    def _fetch(self, image_id: int, names: Iterable[str]) -> tuple[int, dict[str, np.ndarray]]:
+        """(entry, {dataset: rows of this image}); KeyError for an id not in the file."""
+        for attempt in range(2):
+            i = self._entry(image_id)
+            start = self._index.offset[i]
+            stop = start + int(np.prod(self._index.extent[i]))
+            part = ""
+            if self._index.parts:
+                k = bisect.bisect_right(self._part_starts, start) - 1
+                part = self._index.parts[k][0]
+                start, stop = start - self._part_starts[k], stop - self._part_starts[k]
+            try:
+                f = self._handle(part)
+            except FileNotFoundError:
+                if attempt:
+                    raise
+                self.close()
+                self._load()  # the writer consolidated (or replaced) the file since we read its index
+                continue
+            return i, {name: f[name][start:stop] for name in names}
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
-        if self._h5 is not None and self._pid == os.getpid():
-            self._h5.close()
-        self._h5, self._datasets, self._pid = None, {}, -1
+        if self._pid == os.getpid():
+            for h in self._handles.values():
+                h.close()
+        self._handles, self._pid = OrderedDict(), -1
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_h5=None, _datasets={}, _pid=-1)
+        state.update(_handles=OrderedDict(), _pid=-1)
         return state
 
     def __enter__(self) -> _FeatureReader:
@@ -719,8 +773,7 @@ class GridFeatures(_FeatureReader):
     kind = "grid"
 
     def grid_shape(self, image_id: int) -> tuple[int, int]:
-        i, _, _ = self._locate(image_id)
-        h, w = self._index.extent[i]
+        h, w = self._index.extent[self._entry(image_id)]
         return h, w
 
     @property
@@ -728,12 +781,9 @@ class GridFeatures(_FeatureReader):
         return max((h * w for h, w in self._index.extent), default=0)
 
     def get(self, image_id: int) -> dict[str, Any]:
-        i, start, stop = self._locate(image_id)
+        i, rows = self._fetch(image_id, ("features",))
         h, w = self._index.extent[i]
-        return {
-            "grid": self._read("features", start, stop).reshape(h, w, -1),
-            "image_size": self._index.image_size[i],
-        }
+        return {"grid": rows["features"].reshape(h, w, -1), "image_size": self._index.image_size[i]}
 
 
 class RegionFeatures(_FeatureReader):
@@ -743,8 +793,7 @@ class RegionFeatures(_FeatureReader):
     kind = "region"
 
     def num_boxes(self, image_id: int) -> int:
-        _, start, stop = self._locate(image_id)
-        return stop - start
+        return self._index.extent[self._entry(image_id)][0]
 
     @property
     def max_boxes(self) -> int:
@@ -755,9 +804,8 @@ class RegionFeatures(_FeatureReader):
         return "attr_labels" in (self._index.fields or {})
 
     def get(self, image_id: int) -> dict[str, Any]:
-        i, start, stop = self._locate(image_id)
-        names = [n for n in _ROW_FIELDS["region"] if self._index.fields and n in self._index.fields]
-        out: dict[str, Any] = {name: self._read(name, start, stop) for name in names}
+        names = [n for n in _ROW_FIELDS["region"] if n in (self._index.fields or {})]
+        i, out = self._fetch(image_id, names)
         out["image_size"] = self._index.image_size[i]
         return out
 

@@ -30,7 +30,8 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import permutations
 from pathlib import Path
@@ -223,7 +224,12 @@ class Template:
     def answer_type(self, p: dict) -> str:
         return "other"
 
-    def realise(self, s: State, geo: Sequence[Place], p: dict, ans: str, rng: np.random.Generator) -> State | None:
+    def all_answers(self) -> set[str]:
+        """Every answer any parameters can have (for the vocabulary in stats.json)."""
+        return set(YES_NO)
+
+    def realise(self, s: State, geo: Sequence[Place], p: dict, ans: str,
+                rng: np.random.Generator) -> State | None:
         raise NotImplementedError
 
     def truth(self, objs: Sequence[Obj], geo: Sequence[Place], p: dict) -> str | None:
@@ -245,6 +251,9 @@ class AttributeOf(Template):
 
     def domain(self, p):
         return DOMAINS[self.attr]
+
+    def all_answers(self):
+        return set(DOMAINS[self.attr])
 
     def realise(self, s, geo, p, ans, rng):
         for i in rng.permutation(len(s)):
@@ -305,6 +314,9 @@ class Count(Template):
 
     def answer_type(self, p):
         return "number"
+
+    def all_answers(self):
+        return {str(k) for k in range(5)}
 
     def realise(self, s, geo, p, ans, rng):
         k = int(ans)
@@ -427,6 +439,9 @@ class Choice(Template):
     def domain(self, p):
         return ("left", "right") if p["axis"] == 0 else ("above", "below")
 
+    def all_answers(self):
+        return set(OPPOSITE)
+
     def realise(self, s, geo, p, ans, rng):
         return _realise_pair(s, geo, p["a"], p["b"], ans, rng)
 
@@ -443,13 +458,17 @@ class Extreme(Template):
     family, weight = "position", 0.12
 
     def params(self, rng):
-        return {"which": tuple(EXTREME_REL)[int(rng.integers(4))], "attr": ("color", "shape")[int(rng.integers(2))]}
+        which = tuple(EXTREME_REL)[int(rng.integers(4))]
+        return {"which": which, "attr": ("color", "shape")[int(rng.integers(2))]}
 
     def text(self, p):
         return f"What {p['attr']} is the {p['which']} object?"
 
     def domain(self, p):
         return DOMAINS[p["attr"]]
+
+    def all_answers(self):
+        return set(SHAPES) | set(COLORS)
 
     def realise(self, s, geo, p, ans, rng):
         i = _extreme(geo, p["which"])
@@ -476,6 +495,11 @@ TEMPLATES: tuple[Template, ...] = (
     Extreme(),
 )
 FAMILIES = ("color", "shape", "count", "exist", "size", "position")
+
+
+def answer_vocabulary() -> list[str]:
+    """Every canonical answer the generator can give, sorted."""
+    return sorted({a for t in TEMPLATES for a in t.all_answers()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,30 +614,39 @@ def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     """Desaturated base colour + low-frequency blotches + stripes or checks: texture, not object colours."""
     base = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.2), rng.uniform(0.35, 0.8))) * 255
     cell = int(rng.integers(12, 40))
-    coarse = rng.normal(0.0, rng.uniform(8, 22), size=(h // cell + 2, w // cell + 2, 3))
+    sigma = rng.uniform(8, 22)
+    # Mostly brightness blotches with a little colour: strong colour noise would compete with the objects.
+    coarse = rng.normal(0.0, sigma, size=(h // cell + 2, w // cell + 2, 1))
+    coarse = coarse + rng.normal(0.0, 0.4 * sigma, size=coarse.shape[:2] + (3,))
     blotch = np.asarray(Image.fromarray(np.clip(coarse + 128, 0, 255).astype(np.uint8)).resize(
         (w, h), Image.BICUBIC), dtype=np.float32) - 128.0
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    x = np.arange(w, dtype=np.float32)
+    y = np.arange(h, dtype=np.float32)
     kind = int(rng.integers(3))
     period = rng.uniform(6, 24)
     amp = rng.uniform(4, 14)
-    if kind == 0:
+    out = blotch
+    out += base.astype(np.float32)
+    # Separable forms (outer products) of the 2-D patterns: several times faster than on a full grid.
+    if kind == 0:  # stripes at angle theta: sin(ax + by) = sin(ax)cos(by) + cos(ax)sin(by)
         theta = rng.uniform(0, math.pi)
-        texture = amp * np.sin(2 * math.pi * (xx * math.cos(theta) + yy * math.sin(theta)) / period)
-    elif kind == 1:
-        texture = amp * np.sign(np.sin(math.pi * xx / period) * np.sin(math.pi * yy / period))
-    else:
-        texture = np.zeros_like(xx)
-    return base[None, None, :] + blotch + texture[..., None]
+        ax, by = 2 * math.pi * math.cos(theta) / period * x, 2 * math.pi * math.sin(theta) / period * y
+        texture = np.outer(np.cos(by), np.sin(ax)) + np.outer(np.sin(by), np.cos(ax))
+        out += (amp * texture)[..., None]
+    elif kind == 1:  # checks
+        texture = np.outer(np.sign(np.sin(math.pi * y / period)), np.sign(np.sin(math.pi * x / period)))
+        out += (amp * texture)[..., None]
+    return out
 
 
 def render(scene: Scene, rng: np.random.Generator) -> tuple[bytes, list[tuple[int, int, int, int]]]:
     """JPEG bytes and each object's tight box (x, y, w, h) in pixels, from the drawn mask."""
     w, h = scene.width, scene.height
-    img = Image.fromarray(np.clip(_background(rng, w, h), 0, 255).astype(np.uint8))
+    bg = _background(rng, w, h)
+    img = Image.fromarray(np.clip(bg, 0, 255, out=bg).astype(np.uint8))
     boxes = []
     short = min(w, h)
-    for g, o in zip(scene.geo, scene.objs):
+    for g, o in zip(scene.geo, scene.objs, strict=True):
         r = rng.uniform(*SIZE_FRACTION[o["size"]]) * short
         angle = math.radians(rng.uniform(-12, 12))
         x0, y0 = max(int(g.x - r) - 2, 0), max(int(g.y - r) - 2, 0)
@@ -628,9 +661,11 @@ def render(scene: Scene, rng: np.random.Generator) -> tuple[bytes, list[tuple[in
         boxes.append((x0 + bx0, y0 + by0, bx1 - bx0, by1 - by0))
         colour = np.clip(np.array(COLORS[o["color"]]) + rng.integers(-15, 16, size=3), 0, 255)
         img.paste(Image.new("RGB", mask.size, tuple(int(c) for c in colour)), (x0, y0), mask)
-    arr = np.asarray(img, dtype=np.float32) + rng.normal(0.0, rng.uniform(3, 8), size=(h, w, 3))
+    noise = rng.standard_normal(size=(h, w, 3), dtype=np.float32)
+    noise *= rng.uniform(3, 8)
+    noise += np.asarray(img, dtype=np.float32)
     buf = io.BytesIO()
-    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(
+    Image.fromarray(np.clip(noise, 0, 255, out=noise).astype(np.uint8)).save(
         buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)  # 4:4:4 keeps small objects' colour
     return buf.getvalue(), boxes
 
@@ -670,7 +705,8 @@ def human_answers(ans: str, domain: Sequence[str], rng: np.random.Generator) -> 
     if len(set(texts)) == 1:
         # Unanimous humans are not normalised by the official scorer: keep them in canonical form.
         texts = [ans] * 10
-    return [{"answer": t, "answer_confidence": c, "answer_id": k + 1} for k, (t, c) in enumerate(zip(texts, conf))]
+    return [{"answer": t, "answer_confidence": c, "answer_id": k + 1}
+            for k, (t, c) in enumerate(zip(texts, conf, strict=True))]
 
 
 def majority_answer(records: Sequence[dict[str, Any]]) -> str:
@@ -734,6 +770,37 @@ def _info(split: str) -> dict[str, Any]:
 LICENSE = {"name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}
 
 
+def _write_image(path: Path, data: bytes, vg_path: Path | None) -> None:
+    atomic_write_bytes(path, data)
+    if vg_path is not None:
+        _link_or_write(path, vg_path, data)
+
+
+class _Writer:
+    """Image writes on a few threads: each atomic write waits on fsync, which would otherwise dominate."""
+
+    def __init__(self, workers: int = 8, max_pending: int = 256) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.pending: list[Future] = []
+        self.max_pending = max_pending
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
+        if len(self.pending) >= self.max_pending:
+            self.drain()
+
+    def drain(self) -> None:
+        pending, self.pending = self.pending, []
+        for f in pending:
+            f.result()  # re-raises the first write error here, in the caller's thread
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _link_or_write(src: Path, dst: Path, data: bytes) -> None:
     """VG image = the COCO file's pixels: hard link (no extra disk), or a copy where links fail."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -745,6 +812,35 @@ def _link_or_write(src: Path, dst: Path, data: bytes) -> None:
         os.replace(tmp, dst)
     except OSError:
         atomic_write_bytes(dst, data)
+
+
+def _vg_entries(image_id: int, scene: Scene, boxes: Sequence[tuple[int, int, int, int]],
+                first_object_id: int) -> tuple[dict, dict, dict]:
+    """image_data, objects and attributes records of one image (VG image_id == COCO id)."""
+    meta = {"image_id": image_id, "width": scene.width, "height": scene.height, "coco_id": image_id,
+            "flickr_id": None, "url": f"{layout.VG_IMAGE_DIRS[0]}/{image_id}.jpg"}
+    objs, attrs = [], []
+    for k, (o, (x, y, bw, bh)) in enumerate(zip(scene.objs, boxes, strict=True)):
+        box = {"object_id": first_object_id + k, "x": x, "y": y, "w": bw, "h": bh, "names": [o["shape"]],
+               "synsets": []}
+        objs.append(box)
+        attrs.append({**box, "attributes": [o["color"], o["size"]]})
+    return meta, {"image_id": image_id, "objects": objs}, {"image_id": image_id, "attributes": attrs}
+
+
+def _check_args(counts: Sequence[int], seed: int, questions_per_image: int, min_side: int, max_side: int,
+                max_objects: int) -> None:
+    for name, v in zip(("train_images", "val_images", "test_images"), counts, strict=True):
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+    if not 16 <= min_side <= max_side:
+        raise ValueError(f"need 16 <= min_side <= max_side, got {min_side}, {max_side}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if not 1 <= questions_per_image < 1000:  # question_id = image_id * 1000 + k
+        raise ValueError(f"questions_per_image must be in 1..999, got {questions_per_image}")
+    if max_objects < 1:
+        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
 
 
 def generate(
@@ -759,116 +855,96 @@ def generate(
     max_objects: int = 6,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    """Write the data set under `out_dir` in the official layout and return (and write) its stats."""
-    for name, v in (("train_images", train_images), ("val_images", val_images), ("test_images", test_images)):
-        if v < 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
-    if not 16 <= min_side <= max_side:
-        raise ValueError(f"need 16 <= min_side <= max_side, got {min_side}, {max_side}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    if questions_per_image < 1 or max_objects < 1:
-        raise ValueError("questions_per_image and max_objects must be >= 1")
+    """Write the data set under `out_dir` in the official layout; return the stats (also in stats.json).
+
+    Same arguments -> byte-identical files. Image ids run 1, 2, ... over train2014, val2014, test2015.
+    """
+    sizes = dict(zip(SPLITS, (train_images, val_images, test_images), strict=True))
+    _check_args(list(sizes.values()), seed, questions_per_image, min_side, max_side, max_objects)
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
         raise DataError(f"{root}: output path exists and is not a folder")
     t0 = time.perf_counter()
-    sizes = dict(zip(SPLITS, (train_images, val_images, test_images)))
     vg = layout.vg_dir(root)
-    image_data, vg_objects, vg_attributes = [], [], []
+    vg_files: dict[str, list[dict]] = {"image_data.json": [], "objects.json": [], "attributes.json": []}
     blind_items: dict[str, list[dict]] = {s: [] for s in ANNOTATED}
     split_stats: dict[str, Any] = {}
     next_image_id, next_object_id = 1, 1
-    for split_no, split in enumerate(SPLITS):
-        counts: dict[str, Counter] = defaultdict(Counter)  # per split, so each split is balanced alone
-        questions, annotations = [], []
-        fam_counts: Counter = Counter()
-        n_objects = 0
-        for i in range(sizes[split]):
-            image_id = next_image_id
-            next_image_id += 1
-            rng = np.random.default_rng([seed, split_no, i])
-            scene = make_scene(rng, counts, questions_per_image, min_side, max_side, max_objects)
-            data, boxes = render(scene, rng)
-            img_path = layout.coco_image_path(root, split, image_id)
-            atomic_write_bytes(img_path, data)
-            n_objects += len(scene.objs)
-            for k, q in enumerate(scene.questions):
-                qid = image_id * 1000 + k
-                questions.append({"image_id": image_id, "question": q.text, "question_id": qid})
-                fam_counts[q.template.family] += 1
-                answers = human_answers(q.answer, q.template.domain(q.params), rng)
-                mc = majority_answer(answers)
-                annotations.append({
-                    "question_id": qid, "image_id": image_id, "question_type": question_type(q.text),
-                    "answer_type": q.template.answer_type(q.params), "multiple_choice_answer": mc,
-                    "answers": answers,
-                })
-                if split in blind_items:
-                    blind_items[split].append({"family": q.template.family, "question": q.text,
-                                               "multiple_choice_answer": mc,
-                                               "answers": [a["answer"] for a in answers]})
-            if split == "train2014":
-                image_data.append({"image_id": image_id, "width": scene.width, "height": scene.height,
-                                   "coco_id": image_id, "flickr_id": None,
-                                   "url": f"{layout.VG_IMAGE_DIRS[0]}/{image_id}.jpg"})
-                objs, attrs = [], []
-                for o, (x, y, bw, bh) in zip(scene.objs, boxes):
-                    box = {"object_id": next_object_id, "x": x, "y": y, "w": bw, "h": bh,
-                           "names": [o["shape"]], "synsets": []}
-                    next_object_id += 1
-                    objs.append(box)
-                    attrs.append({**box, "attributes": [o["color"], o["size"]]})
-                vg_objects.append({"image_id": image_id, "objects": objs})
-                vg_attributes.append({"image_id": image_id, "attributes": attrs})
-                _link_or_write(img_path, vg / layout.VG_IMAGE_DIRS[0] / f"{image_id}.jpg", data)
-        atomic_write_json(layout.questions_path(root, split), {
-            "info": _info(split), "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": split,
-            "license": LICENSE, "questions": questions})
-        if split in ANNOTATED:
-            atomic_write_json(layout.annotations_path(root, split), {
-                "info": _info(split), "license": LICENSE, "data_subtype": split, "annotations": annotations})
-        split_stats[split] = {"images": sizes[split], "questions": len(questions), "objects": n_objects,
-                              "questions_per_family": {f: fam_counts[f] for f in FAMILIES},
-                              "annotated": split in ANNOTATED}
-    atomic_write_json(vg / "image_data.json", image_data)
-    atomic_write_json(vg / "objects.json", vg_objects)
-    atomic_write_json(vg / "attributes.json", vg_attributes)
+    writer = _Writer()
+    try:
+        for split_no, split in enumerate(SPLITS):
+            counts: dict[str, Counter] = defaultdict(Counter)  # per split: each split is balanced alone
+            questions, annotations = [], []
+            fam_counts: Counter = Counter()
+            n_objects = 0
+            for i in range(sizes[split]):
+                image_id = next_image_id
+                next_image_id += 1
+                rng = np.random.default_rng([seed, split_no, i])  # per image: independent of the others
+                scene = make_scene(rng, counts, questions_per_image, min_side, max_side, max_objects)
+                data, boxes = render(scene, rng)
+                in_vg = split == "train2014"
+                vg_path = vg / layout.VG_IMAGE_DIRS[0] / f"{image_id}.jpg" if in_vg else None
+                writer.submit(_write_image, layout.coco_image_path(root, split, image_id), data, vg_path)
+                n_objects += len(scene.objs)
+                for k, q in enumerate(scene.questions):
+                    qid = image_id * 1000 + k
+                    questions.append({"image_id": image_id, "question": q.text, "question_id": qid})
+                    fam_counts[q.template.family] += 1
+                    answers = human_answers(q.answer, q.template.domain(q.params), rng)
+                    mc = majority_answer(answers)
+                    annotations.append({
+                        "question_id": qid, "image_id": image_id, "question_type": question_type(q.text),
+                        "answer_type": q.template.answer_type(q.params), "multiple_choice_answer": mc,
+                        "answers": answers,
+                    })
+                    if split in blind_items:
+                        blind_items[split].append({"family": q.template.family, "question": q.text,
+                                                   "multiple_choice_answer": mc,
+                                                   "answers": [a["answer"] for a in answers]})
+                if in_vg:
+                    for name, rec in zip(vg_files, _vg_entries(image_id, scene, boxes, next_object_id),
+                                         strict=True):
+                        vg_files[name].append(rec)
+                    next_object_id += len(scene.objs)
+            atomic_write_json(layout.questions_path(root, split), {
+                "info": _info(split), "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": split,
+                "license": LICENSE, "questions": questions})
+            if split in ANNOTATED:
+                atomic_write_json(layout.annotations_path(root, split), {
+                    "info": _info(split), "license": LICENSE, "data_subtype": split,
+                    "annotations": annotations})
+            split_stats[split] = {"images": sizes[split], "questions": len(questions), "objects": n_objects,
+                                  "questions_per_family": {f: fam_counts[f] for f in FAMILIES},
+                                  "annotated": split in ANNOTATED}
+    finally:
+        writer.close()
+    for name, records in vg_files.items():
+        atomic_write_json(vg / name, records)
     atomic_write_text(vg / "objects_vocab.txt", "\n".join(SHAPES) + "\n")
     atomic_write_text(vg / "attributes_vocab.txt", "\n".join(list(COLORS) + list(SIZES)) + "\n")
-    answers_vocab = sorted({a for t in TEMPLATES for a in _all_answers(t)})
+    prior = blind_prior(blind_items["train2014"], blind_items["val2014"]) if blind_items["val2014"] else {}
     stats = {
         "generator": "gridvqa.data.synthetic",
         "seed": seed,
         "params": {"questions_per_image": questions_per_image, "min_side": min_side, "max_side": max_side,
                    "max_objects": max_objects, "jpeg_quality": JPEG_QUALITY, "wrong_answer_rate": WRONG_RATE},
         "splits": split_stats,
-        "visual_genome": {"images": len(image_data), "objects": next_object_id - 1, "source_split": "train2014"},
+        "visual_genome": {"images": len(vg_files["image_data.json"]), "objects": next_object_id - 1,
+                          "source_split": "train2014"},
         "vocab": {"shapes": list(SHAPES), "colors": list(COLORS), "sizes": list(SIZES),
-                  "families": list(FAMILIES), "answers": answers_vocab},
+                  "families": list(FAMILIES), "answers": answer_vocabulary()},
         "blind_prior": {
             "scored_on": "val2014", "trained_on": "train2014", "unit": "percent VQA accuracy",
             "family_prior": "best single answer per question family",
             "question_prior": "best answer per exact question string (family fallback)",
-            **(blind_prior(blind_items["train2014"], blind_items["val2014"]) if blind_items["val2014"] else {}),
+            **prior,
         },
     }
     atomic_write_json(layout.stats_path(root), stats, indent=1)
     if verbose:
         print(summary(stats, root, time.perf_counter() - t0))
     return stats
-
-
-def _all_answers(t: Template) -> set[str]:
-    if isinstance(t, Count):
-        return {str(k) for k in range(5)}
-    if isinstance(t, Choice):
-        return set(OPPOSITE)
-    if isinstance(t, Extreme):
-        return set(SHAPES) | set(COLORS)
-    if isinstance(t, AttributeOf):
-        return set(DOMAINS[t.attr])
-    return set(YES_NO)
 
 
 def summary(stats: dict[str, Any], root: Path, seconds: float) -> str:
@@ -882,7 +958,8 @@ def summary(stats: dict[str, Any], root: Path, seconds: float) -> str:
     if "overall" in bp:
         lines.append("  blind prior on val2014 (VQA accuracy %): family  best-per-family  best-per-question")
         for f, r in bp["per_family"].items():
-            lines.append(f"    {f:9s} {r['questions']:6d} q  {_fmt(r['family_prior']):>8s}  {_fmt(r['question_prior']):>8s}")
+            lines.append(f"    {f:9s} {r['questions']:6d} q  {_fmt(r['family_prior']):>8s}  "
+                         f"{_fmt(r['question_prior']):>8s}")
         o = bp["overall"]
         lines.append(f"    {'overall':9s} {o['questions']:6d} q  {_fmt(o['family_prior']):>8s}  "
                      f"{_fmt(o['question_prior']):>8s}")

@@ -35,7 +35,11 @@ SOURCES = ("pixels", "grid_h5", "region_h5")
 
 
 class VQADataset(Dataset):
-    """Items: tokenised question, dense soft-score target and the visual input of one question."""
+    """Items: the visual input of one image with its questions (tokenised, soft-score targets).
+
+    `group_by_image=True` makes one item per image holding all its questions, so batches carry each
+    image once (`batch_size` then counts images); otherwise one item per question.
+    """
 
     def __init__(
         self,
@@ -48,6 +52,7 @@ class VQADataset(Dataset):
         source: str = "pixels",
         pipeline: ImagePipeline | None = None,
         features=None,
+        group_by_image: bool = False,
     ) -> None:
         if source not in SOURCES:
             raise ValueError(f"unknown visual source {source!r}; expected one of {SOURCES}")
@@ -60,9 +65,15 @@ class VQADataset(Dataset):
         self.pipeline = pipeline
         self.features = features
         self.skipped = SkipCounter()
+        self.groups: list[list[int]] | None = None
+        if group_by_image:
+            by_image: dict[int, list[int]] = {}
+            for i, e in enumerate(self.entries):
+                by_image.setdefault(e.image_id, []).append(i)
+            self.groups = list(by_image.values())
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.groups) if self.groups is not None else len(self.entries)
 
     def target(self, e: VQAEntry) -> torch.Tensor:
         t = torch.zeros(len(self.vocab))
@@ -98,39 +109,47 @@ class VQADataset(Dataset):
             "orig_size": tuple(item["image_size"]),
         }
 
-    def __getitem__(self, i: int) -> dict | None:
+    def question_item(self, i: int) -> dict:
         e = self.entries[i]
-        v = self.visual(e)
+        return {
+            "q_ids": self.q_ids[i],
+            "q_mask": self.q_mask[i],
+            "target": self.target(e),
+            "index": i,
+            "question_id": e.question_id,
+            "image_id": e.image_id,
+            "answers": e.answers,
+            "answer_type": e.answer_type or "other",
+        }
+
+    def __getitem__(self, i: int) -> dict | None:
+        """One image's visual input and the questions asked about it (one, or all when grouped)."""
+        qs = self.groups[i] if self.groups is not None else [i]
+        v = self.visual(self.entries[qs[0]])
         if v is None:
             return None
-        v.update(
-            q_ids=self.q_ids[i],
-            q_mask=self.q_mask[i],
-            target=self.target(e),
-            index=i,
-            question_id=e.question_id,
-            image_id=e.image_id,
-            answers=e.answers,
-            answer_type=e.answer_type or "other",
-        )
+        v["questions"] = [self.question_item(q) for q in qs]
         return v
 
 
 def collate_vqa(batch: list[dict | None], size_divisibility: int = 32) -> dict | None:
-    """Stack questions and targets; pad images (pixel mask), grids (cell mask) or regions (box mask)."""
+    """Visual inputs once per image (padded, with masks) and questions flattened, `img_index` linking
+    each question to its image: the backbone then runs once per image, not once per question."""
     items = [b for b in batch if b is not None]
     if not items:
         return None
+    qs = [q for b in items for q in b["questions"]]
     out = {
-        "q_ids": torch.stack([b["q_ids"] for b in items]),
-        "q_mask": torch.stack([b["q_mask"] for b in items]),
-        "target": torch.stack([b["target"] for b in items]),
-        "index": torch.tensor([b["index"] for b in items]),
-        "question_id": torch.tensor([b["question_id"] for b in items]),
-        "image_id": torch.tensor([b["image_id"] for b in items]),
+        "q_ids": torch.stack([q["q_ids"] for q in qs]),
+        "q_mask": torch.stack([q["q_mask"] for q in qs]),
+        "target": torch.stack([q["target"] for q in qs]),
+        "index": torch.tensor([q["index"] for q in qs]),
+        "question_id": torch.tensor([q["question_id"] for q in qs]),
+        "image_id": torch.tensor([q["image_id"] for q in qs]),
+        "answers": [q["answers"] for q in qs],
+        "answer_type": [q["answer_type"] for q in qs],
+        "img_index": torch.tensor([k for k, b in enumerate(items) for _ in b["questions"]]),
         "orig_size": torch.tensor([b["orig_size"] for b in items]),
-        "answers": [b["answers"] for b in items],
-        "answer_type": [b["answer_type"] for b in items],
     }
     if "image" in items[0]:
         out["images"], out["pixel_mask"], out["image_sizes"] = collate_images(
@@ -188,6 +207,7 @@ class VQADataModule(pl.LightningDataModule):
         size_divisibility: int = 32,
         limit_train: int | None = None,
         limit_val: int | None = None,
+        group_by_image: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

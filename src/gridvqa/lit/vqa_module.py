@@ -121,6 +121,11 @@ class VQAModule(pl.LightningModule):
 
     def forward(self, batch: dict, return_attention: bool = False) -> torch.Tensor | MCANOutput:
         feats, mask, boxes = self.visual_inputs(batch)
+        # Visual inputs come once per image; each question takes its image's (no copy when 1:1).
+        idx = batch["img_index"]
+        if idx.numel() != feats.shape[0] or not torch.equal(idx, torch.arange(len(idx), device=idx.device)):
+            feats, mask = feats[idx], mask[idx]
+            boxes = boxes[idx] if boxes is not None else None
         return self.head(
             batch["q_ids"], batch["q_mask"], feats, mask, boxes=boxes, return_attention=return_attention
         )

@@ -74,9 +74,11 @@ def average_precision(scores: Tensor, tp: Tensor, num_gt: int, interpolation: st
 class DetectionAP(Metric):
     """AP at `iou_thresh` per class and its mean over classes present in the ground truth.
 
-    update(preds, targets): preds [{boxes [K,4] xyxy, scores [K], labels [K]}], targets [{boxes [N,4], labels [N]}]
-    compute() -> {"ap50": Tensor scalar (0 when there is no ground truth at all), "ap50_per_class":
-    Tensor [num_classes + 1] indexed by label (NaN for classes without ground truth), "num_classes_evaluated"}.
+    update(preds, targets): preds [{boxes [K,4] xyxy, scores [K], labels [K]}],
+    targets [{boxes [N,4], labels [N]}].
+    compute() -> {"ap50": Tensor scalar (0 when there is no ground truth at all),
+    "ap50_per_class": Tensor [num_classes + 1] indexed by label (NaN for classes without ground truth),
+    "num_classes_evaluated": int}.
     The key is "ap{round(100 * iou_thresh)}".
     """
 
@@ -93,7 +95,8 @@ class DetectionAP(Metric):
     ) -> None:
         super().__init__(**kwargs)
         if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation {interpolation!r} unknown; choose one of {', '.join(INTERPOLATIONS)}")
+            raise ValueError(f"interpolation {interpolation!r} unknown; "
+                             f"choose one of {', '.join(INTERPOLATIONS)}")
         self.num_classes = num_classes
         self.iou_thresh = iou_thresh
         self.interpolation = interpolation
@@ -105,7 +108,7 @@ class DetectionAP(Metric):
     def update(self, preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]) -> None:
         if len(preds) != len(targets):
             raise ValueError(f"DetectionAP.update got {len(preds)} predictions but {len(targets)} targets")
-        for i, (p, t) in enumerate(zip(preds, targets)):
+        for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
             boxes, scores, labels = _fields(p, ("boxes", "scores", "labels"), f"prediction {i}")
             gt_boxes, gt_labels = _fields(t, ("boxes", "labels"), f"target {i}")
             k = self.max_detections_per_image
@@ -125,13 +128,15 @@ class DetectionAP(Metric):
         tp = _cat(self.det_tp, torch.bool).cpu()
         gt = _cat(self.gt_labels, torch.int64).cpu()
         classes, counts = torch.unique(gt, return_counts=True)
-        size = max(self.num_classes + 1 if self.num_classes is not None else 0, int(gt.max()) + 1 if gt.numel() else 0)
+        size = max(0 if self.num_classes is None else self.num_classes + 1,
+                   int(gt.max()) + 1 if gt.numel() else 0)
         per_class = torch.full((size,), float("nan"), dtype=torch.float64)
-        for c, n in zip(classes.tolist(), counts.tolist()):
+        for c, n in zip(classes.tolist(), counts.tolist(), strict=True):
             m = labels == c
             per_class[c] = average_precision(scores[m], tp[m], n, self.interpolation)
         mean = per_class[classes].mean() if classes.numel() else torch.tensor(0.0, dtype=torch.float64)
-        return {self.key: mean.float(), f"{self.key}_per_class": per_class, "num_classes_evaluated": len(classes)}
+        return {self.key: mean.float(), f"{self.key}_per_class": per_class,
+                "num_classes_evaluated": len(classes)}
 
 
 def _fields(d: dict[str, Tensor], names: tuple[str, ...], what: str) -> list[Tensor]:

@@ -3,7 +3,7 @@
 Both take images already normalised and padded by our data pipeline (no torchvision GeneralizedRCNNTransform),
 and the per-image (h, w) of the unpadded content. Classes follow torchvision: 0 = background, 1..num_classes.
 
-    GridDetector  RPN on (dilated) res5 -> 1x1 RoIAlign on res5 -> fc1, fc2 (1024) -> classes, boxes, attributes
+    GridDetector  RPN on (dilated) res5 -> 1x1 RoIAlign on res5 -> fc1, fc2 (1024) -> classes/boxes/attributes
     C4Detector    RPN on res4 -> 14x14 RoIAlign on res4 -> backbone.res5 per region -> mean -> same predictors
 
 Training returns loss_rpn_cls, loss_rpn_box, loss_cls, loss_box_reg and loss_attr (with attributes); eval
@@ -79,7 +79,8 @@ class DetectorConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(cfg) - known)
         if unknown:
-            raise ConfigError(f"detector config: unknown keys {unknown}; known keys: {', '.join(sorted(known))}")
+            raise ConfigError(f"detector config: unknown keys {unknown}; "
+                              f"known keys: {', '.join(sorted(known))}")
         for key in ("anchor_sizes", "aspect_ratios", "bbox_reg_weights"):
             if key in cfg:
                 cfg[key] = tuple(float(v) for v in cfg[key])
@@ -114,7 +115,8 @@ class _TwoStageDetector(nn.Module):
         shapes = backbone.output_shape()
         self.pooler = cfg.pooler
         self.pooler_resolution = cfg.pooler_resolution or self.default_pooler_resolution
-        self.sampling_ratio = self.default_sampling_ratio if cfg.sampling_ratio is None else cfg.sampling_ratio
+        ratio = cfg.sampling_ratio
+        self.sampling_ratio = self.default_sampling_ratio if ratio is None else ratio
         self.rpn = build_rpn(
             shapes[self.feature_name].channels,
             anchor_sizes=cfg.anchor_sizes,
@@ -211,8 +213,8 @@ class GridDetector(_TwoStageDetector):
 
 
 class C4Detector(_TwoStageDetector):
-    """bottom-up-attention C4 detector (detectron2 Res5ROIHeads): RPN and 14x14 RoIAlign on res4, the backbone's
-    res5 stage per region, mean-pooled to one res5-wide vector."""
+    """bottom-up-attention C4 detector (detectron2 Res5ROIHeads): RPN and 14x14 RoIAlign on res4, the
+    backbone's res5 stage per region, mean-pooled to one res5-wide vector."""
 
     feature_name = "res4"
     default_pooler_resolution = 14
@@ -229,7 +231,8 @@ class C4Detector(_TwoStageDetector):
 
 def build_detector(kind: str, backbone: nn.Module, num_classes: int, num_attributes: int = 0,
                    **cfg: Any) -> GridDetector | C4Detector:
-    """`kind` "grid" (1x1 RoI head on res5) or "c4" (bottom-up region detector); cfg: DetectorConfig fields."""
+    """`kind` "grid" (1x1 RoI head on res5) or "c4" (bottom-up region detector); cfg: DetectorConfig
+    fields."""
     config = DetectorConfig.from_kwargs(**cfg)
     if kind == "grid":
         return GridDetector(backbone, num_classes, num_attributes, config)
@@ -238,8 +241,13 @@ def build_detector(kind: str, backbone: nn.Module, num_classes: int, num_attribu
     raise ConfigError(f"detector kind {kind!r} unknown; choose one of {', '.join(KINDS)}")
 
 
-def _check_inputs(images: Tensor, image_sizes: Sequence[Sequence[int]], targets: list[dict[str, Tensor]] | None,
-                  training: bool, num_classes: int) -> list[tuple[int, int]]:
+def _check_inputs(
+    images: Tensor,
+    image_sizes: Sequence[Sequence[int]],
+    targets: list[dict[str, Tensor]] | None,
+    training: bool,
+    num_classes: int,
+) -> list[tuple[int, int]]:
     if images.ndim != 4:
         raise ValueError(f"detector expects images [B, 3, H, W], got shape {tuple(images.shape)}")
     if len(image_sizes) != images.shape[0]:
@@ -259,7 +267,8 @@ def _check_inputs(images: Tensor, image_sizes: Sequence[Sequence[int]], targets:
         if boxes is None or labels is None:
             raise ValueError(f"target {i} lacks 'boxes' or 'labels' (keys: {sorted(t)})")
         if boxes.ndim != 2 or boxes.shape[1] != 4 or not boxes.is_floating_point():
-            raise ValueError(f"target {i} boxes must be float [N, 4] xyxy, got {boxes.dtype} {tuple(boxes.shape)}")
+            raise ValueError(f"target {i} boxes must be float [N, 4] xyxy, got {boxes.dtype} "
+                             f"{tuple(boxes.shape)}")
         if labels.shape != (boxes.shape[0],) or labels.dtype != torch.int64:
             raise ValueError(f"target {i} labels must be int64 [{boxes.shape[0]}], got {labels.dtype} "
                              f"{tuple(labels.shape)}")

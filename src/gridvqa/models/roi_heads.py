@@ -32,7 +32,8 @@ def pool_regions(
     pooler: str = "roi_align",
     sampling_ratio: int = 2,
 ) -> Tensor:
-    """[R, C, s, s] region maps; `roi_align` is detectron2's ROIAlignV2 (aligned=True), `roi_pool` true RoIPool."""
+    """[R, C, s, s] region maps: `roi_align` is detectron2's ROIAlignV2 (aligned=True), `roi_pool` the
+    true (quantised, max) RoIPool."""
     scale = 1.0 / stride
     boxes = [b.to(features.dtype) for b in boxes]
     if pooler == "roi_align":
@@ -44,7 +45,7 @@ def pool_regions(
 
 
 class FCBoxHead(nn.Module):
-    """Flatten the pooled region and apply fc1 -> ReLU -> fc2 -> ReLU (detectron2 FastRCNNConvFCHead, 2 FC)."""
+    """Flatten the pooled region, then fc1 -> ReLU -> fc2 -> ReLU (detectron2 FastRCNNConvFCHead, 2 FC)."""
 
     def __init__(self, in_dim: int, fc_dim: int = 1024) -> None:
         super().__init__()
@@ -175,8 +176,9 @@ class RoIHeads(nn.Module):
             AttributePredictor(feature_dim, num_classes, num_attributes, attr_embed_dim, attr_fc_dim)
             if num_attributes > 0 else None
         )
-        self.proposal_matcher = det_utils.Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
-        self.fg_bg_sampler = det_utils.BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        self.proposal_matcher = det_utils.Matcher(fg_iou_thresh, bg_iou_thresh)
+        self.fg_bg_sampler = det_utils.BalancedPositiveNegativeSampler(batch_size_per_image,
+                                                                       positive_fraction)
         self.box_coder = det_utils.BoxCoder(tuple(float(w) for w in bbox_reg_weights))
         self.smooth_l1_beta = smooth_l1_beta
         self.attr_loss_weight = attr_loss_weight
@@ -191,8 +193,9 @@ class RoIHeads(nn.Module):
     def sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> RoISamples:
         """Append the ground-truth boxes to the proposals, match at IoU 0.5, sample fg/bg per image."""
         props, labels, reg, attrs = [], [], [], []
-        width = max((t["attributes"].shape[-1] for t in targets if t.get("attributes") is not None), default=1)
-        for p, t in zip(proposals, targets):
+        width = max((t["attributes"].shape[-1] for t in targets if t.get("attributes") is not None),
+                    default=1)
+        for p, t in zip(proposals, targets, strict=True):
             gt_boxes = t["boxes"].to(p.dtype)
             gt_labels = t["labels"]
             gt_attrs = torch.full((gt_boxes.shape[0], width), -1, dtype=torch.int64, device=p.device)
@@ -244,7 +247,7 @@ class RoIHeads(nn.Module):
         logits, deltas = self.box_predictor(box_features)
         results = []
         start = 0
-        for props, size in zip(proposals, image_sizes):
+        for props, size in zip(proposals, image_sizes, strict=True):
             n = props.shape[0]
             sl = slice(start, start + n)
             start += n
@@ -255,7 +258,9 @@ class RoIHeads(nn.Module):
             results.append(res)
         return results
 
-    def _select(self, logits: Tensor, deltas: Tensor, props: Tensor, size: tuple[int, int]) -> dict[str, Tensor]:
+    def _select(
+        self, logits: Tensor, deltas: Tensor, props: Tensor, size: tuple[int, int]
+    ) -> dict[str, Tensor]:
         n = props.shape[0]
         probs = logits.softmax(-1)[:, 1:]  # [n, C], background dropped
         boxes = self.box_coder.decode_single(deltas, props).reshape(n, -1, 4)[:, 1:]

@@ -34,7 +34,7 @@ class StridedAnchorGenerator(AnchorGenerator):
         scales: Sequence[float],
         aspect_ratios: Sequence[float],
         dtype: torch.dtype = torch.float32,
-        device: torch.device = torch.device("cpu"),
+        device: torch.device | None = None,
     ) -> Tensor:
         # As torchvision but without .round(): detectron2 keeps sub-pixel anchor sides.
         scales_t = torch.as_tensor(scales, dtype=dtype, device=device)
@@ -81,7 +81,7 @@ class BoundaryRPN(RegionProposalNetwork):
         labels, matched = super().assign_targets_to_anchors(anchors, targets)
         if self.boundary_thresh >= 0:
             t = self.boundary_thresh
-            for lab, anc, (h, w) in zip(labels, anchors, self._image_sizes):
+            for lab, anc, (h, w) in zip(labels, anchors, self._image_sizes, strict=True):
                 inside = (anc[:, 0] >= -t) & (anc[:, 1] >= -t) & (anc[:, 2] < w + t) & (anc[:, 3] < h + t)
                 lab[~inside] = -1.0
         return labels, matched
