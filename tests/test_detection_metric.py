@@ -128,3 +128,32 @@ def test_agrees_with_torchmetrics_coco_map50():
     ref = MeanAveragePrecision(iou_thresholds=[0.5])
     ref.update(preds, targets)
     assert ap(preds, targets)["ap50"].item() == pytest.approx(ref.compute()["map_50"].item(), abs=1e-4)
+
+
+def _ddp_worker(rank: int, init_file: str, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        m = DetectionAP(num_classes=3)
+        if rank == 0:  # rank 1 sees no image at all: its empty states must still gather
+            m.update([pred([C, A], [0.9, 0.8], [1, 1])], [gt([A], [1])])
+        queue.put((rank, m.compute()["ap50"].item()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
+def test_ddp_gather_with_an_idle_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, str(tmp_path / "init"), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=90) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert results == {0: pytest.approx(0.5), 1: pytest.approx(0.5)}

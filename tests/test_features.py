@@ -247,6 +247,20 @@ def test_plain_h5py_reading_as_documented(tmp_path, consolidate):
         os.chdir(cwd)
 
 
+def test_reader_open_during_consolidation_keeps_working(tmp_path):
+    path = tmp_path / "g.h5"
+    w = FeatureWriter(path, "grid", PROV, commit_bytes=100)
+    for i in range(8):
+        w.add_grid(i, make_grid(i), (100 + i, 200 + i))
+    w.flush()
+    r = open_features(path)  # sees the unconsolidated form
+    np.testing.assert_array_equal(r.get(0)["grid"], make_grid(0).astype(np.float16))
+    w.close()  # consolidates and deletes the parts the reader has not opened yet
+    assert not (tmp_path / "g.h5.parts").exists()
+    for i in range(8):
+        np.testing.assert_array_equal(r.get(i)["grid"], make_grid(i).astype(np.float16))
+
+
 class _ReaderDataset:
     """What a data module does: hold the reader, call get() in whichever process runs __getitem__."""
 
@@ -335,7 +349,6 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         done = _check_intact(path)  # readable after the writer died, nothing half-written visible
         assert len(done) >= max(seen, target or n)  # committed images are never lost
         seen = len(done)
-        print("ROUND", round_, target, seen, os.listdir(path.parent), len(os.listdir(path.parent / "g.h5.parts")) if (path.parent / "g.h5.parts").exists() else None)
     assert seen == n
     final = subprocess.run(cmd, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr

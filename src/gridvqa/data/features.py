@@ -51,9 +51,11 @@ Crash safety (why not SWMR): an HDF5 file is never modified in place. Buffered i
 part file (temp name, fsync, rename), then a small index file naming all parts replaces ``<file>``
 atomically. A process killed at any moment (SIGKILL) leaves either the previous or the next index, both
 complete: finished images are intact and half-written ones are invisible. A writer opened on the same
-path resumes (``done_ids``) and removes leftovers; ``close()`` consolidates parts into one plain file
-(temp + rename again). HDF5's own SWMR mode was tried and rejected: after a SIGKILL the file cannot be
-reopened for writing (status flags need the h5clear tool) and plain ``"r"`` opens fail.
+path resumes (``done_ids``) and removes leftovers (``.<file>.*.tmp``, unreferenced parts); while it runs
+it holds a lock on ``<file>.parts/writer.lock``. ``close()`` consolidates parts into one plain file (temp +
+rename again), then deletes them: a plain-h5py reader that opened the file before must open it again
+(our readers do that by themselves). HDF5's own SWMR mode was tried and rejected: after a SIGKILL the
+file cannot be reopened for writing (its status flags need the h5clear tool) and plain ``"r"`` opens fail.
 """
 
 from __future__ import annotations
@@ -536,12 +538,18 @@ class FeatureWriter:
         used += [int(name[5:11]) for name, _ in self._index.parts]
         return f"part-{max(used, default=-1) + 1:06d}.h5"
 
-    def _write_part(self, rows: dict[str, np.ndarray]) -> str:
+    def _write_part(self) -> str:
+        """The buffered images' rows as one new part file (written image by image: no concatenated copy)."""
         name = self._next_part()
         tmp = _tmp_path(self._parts, name)
+        total = sum(len(b[3]["features"]) for b in self._buffer)
         with h5py.File(tmp, "w") as f:
-            for key, a in rows.items():
-                f.create_dataset(key, data=a)
+            for key, first in self._buffer[0][3].items():
+                ds = f.create_dataset(key, shape=(total, *first.shape[1:]), dtype=first.dtype)
+                start = 0
+                for *_, rows in self._buffer:
+                    ds[start : start + len(rows[key])] = rows[key]
+                    start += len(rows[key])
         _replace(tmp, self._parts / name)
         return name
 
@@ -564,8 +572,7 @@ class FeatureWriter:
         if self._base_rows:
             self._adopt_base()
         idx = self._index
-        rows = {name: np.concatenate([b[3][name] for b in self._buffer]) for name in self._buffer[0][3]}
-        name = self._write_part(rows)
+        name = self._write_part()
         offset = idx.total_rows
         for image_id, size, extent, r in self._buffer:
             idx.image_ids.append(image_id)

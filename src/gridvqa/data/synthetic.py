@@ -67,6 +67,7 @@ ANNOTATED = ("train2014", "val2014")
 NUM_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 YES_NO = ("yes", "no")
 WRONG_RATE = 0.05  # share of human answers that are plain wrong
+MAX_WRONG = 3  # per question, so the true answer always keeps the majority
 VARIANT_RATE = 0.35  # share of correct human answers typed another (normalisable) way
 JPEG_QUALITY = 90
 # Question types as VQA v2 names them (prefixes), longest match wins.
@@ -690,15 +691,20 @@ def answer_variants(ans: str) -> list[str]:
 
 
 def human_answers(ans: str, domain: Sequence[str], rng: np.random.Generator) -> list[dict[str, Any]]:
-    """Ten answer records: mostly `ans` (sometimes spelt differently), ~5 % another answer of the domain."""
+    """Ten answer records: mostly `ans` (sometimes spelt differently), ~5 % another answer of the domain.
+
+    At most MAX_WRONG are wrong, so the majority (multiple_choice_answer) is always the true answer.
+    """
     wrong_pool = [a for a in domain if a != ans]
+    n_wrong = min(int(rng.binomial(10, WRONG_RATE)), MAX_WRONG) if wrong_pool else 0
+    wrong_at = set(rng.choice(10, size=n_wrong, replace=False).tolist())
+    variants = answer_variants(ans)
     texts, conf = [], []
-    for _ in range(10):
-        if wrong_pool and rng.random() < WRONG_RATE:
+    for k in range(10):
+        if k in wrong_at:
             texts.append(wrong_pool[int(rng.integers(len(wrong_pool)))])
             conf.append(("maybe", "no", "yes")[int(rng.integers(3))])
             continue
-        variants = answer_variants(ans)
         texts.append(variants[int(rng.integers(len(variants)))] if rng.random() < VARIANT_RATE else ans)
         u = rng.random()
         conf.append("yes" if u < 0.85 else "maybe" if u < 0.97 else "no")

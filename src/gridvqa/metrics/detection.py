@@ -116,11 +116,11 @@ class DetectionAP(Metric):
                 top = torch.argsort(scores, descending=True, stable=True)[:k]
                 boxes, scores, labels = boxes[top], scores[top], labels[top]
             tp = match_detections(boxes, scores, labels, gt_boxes, gt_labels, self.iou_thresh)
-            self.det_scores.append(scores.detach().float().reshape(-1).to(self.device))
-            self.det_labels.append(labels.detach().long().reshape(-1).to(self.device))
-            # float, not bool: every backend can all_gather it
-            self.det_tp.append(tp.to(device=self.device, dtype=torch.float32))
-            self.gt_labels.append(gt_labels.detach().long().reshape(-1).to(self.device))
+            # Every state in the metric's float dtype: under DDP torchmetrics gives a rank without data an
+            # empty tensor of that dtype, and all_gather needs one dtype on all ranks (labels are exact).
+            for state, value in ((self.det_scores, scores), (self.det_labels, labels), (self.det_tp, tp),
+                                 (self.gt_labels, gt_labels)):
+                state.append(value.detach().reshape(-1).to(device=self.device, dtype=self.dtype))
 
     def compute(self) -> dict[str, Tensor | int]:
         scores = _cat(self.det_scores, torch.float32).cpu()

@@ -276,10 +276,11 @@ class VisualEmbed(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """-> tokens [B, N, hidden], mask [B, N] (True = valid), grid_hw [B, 2] (grid only, else None)."""
         b = feats.shape[0]
+        map_hw: tuple[int, int] | None = None  # a batch map: its flat cells are row-major in the map
         if feats.dim() == 4:
             if self.kind != "grid":
                 raise ConfigError(f"region features must be [B, N, C], got shape {tuple(feats.shape)}")
-            h, w = feats.shape[2], feats.shape[3]
+            h, w = map_hw = feats.shape[2], feats.shape[3]
             feats = feats.flatten(2).transpose(1, 2)
             if mask is not None:
                 mask = mask.reshape(b, h * w)
@@ -304,7 +305,7 @@ class VisualEmbed(nn.Module):
         if self.pos_enc != "none":
             if hw is None:
                 raise ConfigError("grid tokens [B, N, C] need grid_hw (h, w) for the position encoding")
-            x = x + self._positions(hw, n).to(x.dtype)
+            x = x + self._positions(hw, n, map_hw).to(x.dtype)
         if self.box_proj is not None:
             if boxes is None:
                 raise ConfigError("region features need boxes [B, N, 4] (normalised x1, y1, x2, y2)")
@@ -315,10 +316,12 @@ class VisualEmbed(nn.Module):
             x = x + self.box_proj(torch.where(mask.unsqueeze(-1), geom, geom.new_zeros(())).to(x.dtype))
         return x, mask, hw
 
-    def _positions(self, hw: torch.Tensor, n: int) -> torch.Tensor:
-        idx = torch.arange(n, device=hw.device)
+    def _positions(self, hw: torch.Tensor, n: int, map_hw: tuple[int, int] | None) -> torch.Tensor:
+        idx = torch.arange(n, device=hw.device).unsqueeze(0)
         width = hw[:, 1:].clamp(min=1)
-        row, col = idx // width, idx % width  # [B, N]; rows past h are padding cells
+        # Flat tokens are row-major in each image's own grid; a batch map is row-major in the map.
+        stride = width if map_hw is None else map_hw[1]
+        row, col = idx // stride, idx % stride  # [B or 1, N]; cells past the image are padding
         if self.pos_enc == "sine":
             height = hw[:, :1].clamp(min=1)
             return sine_position_2d((row + 0.5) / height, (col + 0.5) / width, self.hidden)

@@ -34,14 +34,19 @@ def pool_regions(
 ) -> Tensor:
     """[R, C, s, s] region maps: `roi_align` is detectron2's ROIAlignV2 (aligned=True), `roi_pool` the
     true (quantised, max) RoIPool."""
+    if pooler not in POOLERS:
+        raise ConfigError(f"detector pooler {pooler!r} unknown; choose one of {', '.join(POOLERS)}")
     scale = 1.0 / stride
-    boxes = [b.to(features.dtype) for b in boxes]
+    # Pool in at least float32: box corners of a 1000-pixel image are not exact in half / bfloat16.
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    x = features.to(dtype)
+    rois = [b.to(dtype) for b in boxes]
     if pooler == "roi_align":
-        return roi_align(features, boxes, output_size, spatial_scale=scale, sampling_ratio=sampling_ratio,
-                         aligned=True)
-    if pooler == "roi_pool":
-        return roi_pool(features, boxes, output_size, spatial_scale=scale)
-    raise ConfigError(f"detector pooler {pooler!r} unknown; choose one of {', '.join(POOLERS)}")
+        out = roi_align(x, rois, output_size, spatial_scale=scale, sampling_ratio=sampling_ratio,
+                        aligned=True)
+    else:
+        out = roi_pool(x, rois, output_size, spatial_scale=scale)
+    return out.to(features.dtype)
 
 
 class FCBoxHead(nn.Module):
@@ -73,7 +78,8 @@ class BoxPredictor(nn.Module):
         nn.init.zeros_(self.bbox_pred.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.cls_score(x), self.bbox_pred(x)
+        # float32 out: BoxCoder casts boxes to the deltas' dtype, too coarse in bfloat16 under autocast
+        return self.cls_score(x).float(), self.bbox_pred(x).float()
 
 
 class AttributePredictor(nn.Module):
@@ -106,7 +112,7 @@ def attribute_loss(scores: Tensor, labels: Tensor, loss_weight: float = 0.2) -> 
         raise ValueError(f"attribute labels for {labels.shape[0]} boxes but scores for {scores.shape[0]}")
     valid = labels >= 0
     counts = valid.sum(dim=1)
-    logp = scores.log_softmax(dim=-1)
+    logp = scores.float().log_softmax(dim=-1)
     nll = -logp.gather(1, labels.clamp(min=0)) * valid
     per_box = nll.sum(dim=1) / counts.clamp(min=1)
     n_valid = int((counts > 0).sum())
@@ -199,8 +205,8 @@ class RoIHeads(nn.Module):
             gt_boxes = t["boxes"].to(p.dtype)
             gt_labels = t["labels"]
             gt_attrs = torch.full((gt_boxes.shape[0], width), -1, dtype=torch.int64, device=p.device)
-            if t.get("attributes") is not None:
-                a = t["attributes"].reshape(gt_boxes.shape[0], -1)
+            a = t.get("attributes")
+            if a is not None and a.numel():
                 gt_attrs[:, : a.shape[1]] = a
             p = torch.cat([p, gt_boxes])
             if gt_boxes.shape[0] == 0:

@@ -56,6 +56,15 @@ class StridedAnchorGenerator(AnchorGenerator):
         return [anchors for _ in image_list.image_sizes]
 
 
+class Float32RPNHead(RPNHead):
+    """torchvision's RPNHead with float32 outputs: under autocast the deltas would be bfloat16, and
+    torchvision's BoxCoder casts the anchors to the deltas' dtype, costing whole pixels of proposal precision."""
+
+    def forward(self, x: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
 class BoundaryRPN(RegionProposalNetwork):
     """torchvision's RPN plus detectron2's `BOUNDARY_THRESH`: anchors reaching more than `boundary_thresh`
     pixels outside their (unpadded) image are ignored in the RPN loss; a negative value disables it."""
@@ -105,7 +114,7 @@ def build_rpn(
 ) -> BoundaryRPN:
     """A single-level RPN (3x3 conv + objectness / deltas 1x1 convs) as in detectron2's StandardRPNHead."""
     anchor_gen = StridedAnchorGenerator(anchor_sizes, aspect_ratios)
-    head = RPNHead(in_channels, anchor_gen.num_anchors_per_location()[0])
+    head = Float32RPNHead(in_channels, anchor_gen.num_anchors_per_location()[0])
     return BoundaryRPN(
         anchor_gen,
         head,

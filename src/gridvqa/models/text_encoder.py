@@ -39,24 +39,28 @@ def read_glove(path: str | os.PathLike, words: Mapping[str, int], dim: int) -> d
     lower = {w.lower(): w for w in reversed(list(words))}  # reversed: the first vocab spelling wins
     found: dict[str, torch.Tensor] = {}
     exact: set[str] = set()
+    checked = False
     with p.open("r", encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, start=1):
             head, _, rest = line.rstrip("\n").partition(" ")
             if lineno == 1 and _is_header(line.split()):
                 continue
+            if not checked:  # the first vector line tells the file's width: say so if it is not ours
+                checked = True
+                width = rest.count(" ") + 1
+                if width != dim:
+                    raise DataError(f"{p}: line {lineno}: {width}-d vectors, but the embedding is {dim}-d")
             key = head if head in words else lower.get(head.lower())
             if key is None or key in exact or (key in found and head != key):
                 # Some GloVe tokens hold spaces ("a b 0.1 ..."): only the rare lines whose first piece
                 # is a wanted word pay for the full split below.
                 continue
             parts = rest.split(" ")
-            if len(parts) != dim:
-                if len(parts) > dim:  # a token with spaces: its first piece happened to be a vocab word
-                    continue
-                raise DataError(
-                    f"{p}: line {lineno}: expected {dim} numbers after {head!r}, found {len(parts)} "
-                    f"(is this a {len(parts)}-d file? the embedding is {dim}-d)"
-                )
+            if len(parts) > dim:  # a token with spaces whose first piece happens to be a vocab word
+                continue
+            if len(parts) < dim:
+                n = len(parts)
+                raise DataError(f"{p}: line {lineno}: expected {dim} numbers after {head!r}, found {n}")
             try:
                 vec = torch.tensor([float(x) for x in parts], dtype=torch.float32)
             except ValueError:
