@@ -58,7 +58,8 @@ class StridedAnchorGenerator(AnchorGenerator):
 
 class Float32RPNHead(RPNHead):
     """torchvision's RPNHead with float32 outputs: under autocast the deltas would be bfloat16, and
-    torchvision's BoxCoder casts the anchors to the deltas' dtype, costing whole pixels of proposal precision."""
+    torchvision's BoxCoder casts the anchors to the deltas' dtype,
+    losing whole pixels of proposal precision."""
 
     def forward(self, x: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         logits, deltas = super().forward(x)
