@@ -54,3 +54,19 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("vocab_size", _count_vocab_lines, use_cache=True)
     if not OmegaConf.has_resolver("num_answers"):
         OmegaConf.register_new_resolver("num_answers", _count_answers, use_cache=True)
+
+
+def to_plain(value):
+    """OmegaConf containers -> plain dicts/lists (recursively), so checkpoints hold only types that
+    `torch.load(..., weights_only=True)` accepts; anything else is returned unchanged."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return value
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(v) for v in value)
+    return value

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gridvqa.config import to_plain
 from gridvqa.data import layout
 from gridvqa.data.images import (
     ImagePipeline,
@@ -122,6 +123,7 @@ class VGDataModule(pl.LightningDataModule):
         exclude_vqa_val: bool = True,
     ) -> None:
         super().__init__()
+        train_short = to_plain(train_short)
         self.save_hyperparameters()
         self.vg: VisualGenome | None = None
 

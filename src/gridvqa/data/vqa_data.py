@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gridvqa.config import to_plain
 from gridvqa.data import layout
 from gridvqa.data.images import (
     ImagePipeline,
@@ -210,6 +211,7 @@ class VQADataModule(pl.LightningDataModule):
         group_by_image: bool = True,
     ) -> None:
         super().__init__()
+        image_size, features = to_plain(image_size), to_plain(features)
         self.save_hyperparameters()
         self.vocab: AnswerVocab | None = None
         self.tokenizer = None

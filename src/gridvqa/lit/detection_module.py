@@ -15,6 +15,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from gridvqa.config import to_plain
 from gridvqa.lit.schedules import warmup_multistep
 from gridvqa.metrics.detection import DetectionAP
 from gridvqa.models.backbone import build_backbone
@@ -40,6 +41,7 @@ class DetectionModule(pl.LightningModule):
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
+        backbone, detector, milestones = to_plain(backbone), to_plain(detector), to_plain(milestones)
         self.save_hyperparameters()
         self.backbone_cfg = dict(backbone)
         bb = build_backbone(**self.backbone_cfg)

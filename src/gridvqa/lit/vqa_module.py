@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from gridvqa.config import to_plain
 from gridvqa.data.images import feature_mask
 from gridvqa.errors import ConfigError
 from gridvqa.metrics.vqa_metric import VQAAccuracy
@@ -68,6 +69,7 @@ class VQAModule(pl.LightningModule):
         super().__init__()
         if source not in SOURCES:
             raise ConfigError(f"model.source={source!r}: expected one of {SOURCES}")
+        head, backbone, image, milestones, betas = map(to_plain, (head, backbone, image, milestones, betas))
         answers = list(answers) if answers is not None else _load_answers(answers_path)
         tokenizer_json = tokenizer_json or _load_tokenizer_json(tokenizer_dir)
         self.save_hyperparameters(ignore=["answers_path", "tokenizer_dir", "init_from"])

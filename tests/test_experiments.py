@@ -1,0 +1,71 @@
+"""Every file in conf/experiment/ composes, instantiates and runs one train + one val batch
+(fast_dev_run) on the tiny built-in set, with paper-scale sizes shrunk to CPU size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from gridvqa.training import run
+from hydra_utils import EXPERIMENTS, compose_cfg
+
+
+def shrink(cfg) -> None:
+    """Same code paths, CPU sizes: tiny backbone and head, small images, no workers."""
+    with open_dict(cfg):
+        cfg.backbone.name = "R-tiny"
+        cfg.backbone.grad_checkpointing = False
+        cfg.trainer.accelerator = "cpu"
+        cfg.trainer.precision = "32-true"
+        cfg.trainer.pop("val_check_interval", None)
+        cfg.trainer.check_val_every_n_epoch = 1
+        cfg.data.num_workers = 0
+        cfg.data.batch_size = 2
+        if cfg.data._target_.endswith("VGDataModule"):
+            cfg.data.train_short, cfg.data.test_short, cfg.data.max_size = 96, 96, 128
+            cfg.model.detector.fc_dim = 64
+            cfg.model.detector.anchor_sizes = [16, 32, 64]
+            cfg.model.detector.batch_size_per_image = 32
+        else:
+            cfg.data.image_size, cfg.data.short, cfg.data.max_size = [96, 96], None, None
+            cfg.data.val_batch_size = 2
+            cfg.model.head = {"size": "tiny"}
+
+
+def write_pretrained_backbone(artifacts: Path) -> None:
+    """What `experiment=pretrain_vg` exports, made directly (a trained one is not needed to run)."""
+    from gridvqa.models.backbone import build_backbone
+    from gridvqa.models.weights import save_safetensors
+
+    torch.manual_seed(0)
+    bb = build_backbone("R-tiny", norm="BN", freeze_at=0)
+    sd = {k: v for k, v in bb.state_dict().items() if not k.endswith("num_batches_tracked")}
+    save_safetensors(sd, artifacts / "pretrain_vg" / "backbone.safetensors")
+
+
+def run_experiment(name: str, root: Path, artifacts: Path, out: Path) -> float | None:
+    cfg = compose_cfg([f"experiment={name}", "debug=fdr", "logger=csv"], root, out)
+    with open_dict(cfg):
+        cfg.paths.artifacts_dir = str(artifacts)
+        cfg.paths.log_dir = str(out / "logs")
+    shrink(cfg)
+    return run(cfg)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("artifacts")
+    write_pretrained_backbone(d)
+    return d
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_fast_dev_run(name, tiny_shapes, artifacts, tmp_path):
+    if name.startswith("finetune") and not (artifacts / "frozen" / "model.ckpt").is_file():
+        run_experiment("frozen", tiny_shapes, artifacts, tmp_path / "frozen")
+    run_experiment(name, tiny_shapes, artifacts, tmp_path)
+    task = compose_cfg([f"experiment={name}"], tiny_shapes).task_name
+    assert (artifacts / task / "model.ckpt").is_file()
