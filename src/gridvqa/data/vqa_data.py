@@ -254,7 +254,16 @@ class VQADataModule(pl.LightningDataModule):
                 )
             features = open_features(path)
         ds = VQADataset(
-            entries, q_ids, q_mask, self.vocab, split, hp.data_root, hp.source, pipeline, features
+            entries,
+            q_ids,
+            q_mask,
+            self.vocab,
+            split,
+            hp.data_root,
+            hp.source,
+            pipeline,
+            features,
+            hp.group_by_image,
         )
         self.datasets[split] = ds
         return ds

@@ -1,0 +1,358 @@
+"""Answers from a trained VQA checkpoint: load it safely, answer a whole split, answer one image+question.
+
+The logic behind `python -m gridvqa.evaluate` and `python -m gridvqa.predict`. A checkpoint is
+self-contained (answers, tokenizer and image settings are VQAModule hyper-parameters), so loading needs
+neither the data folder nor the training config.
+
+Checkpoints are read with `torch.load(weights_only=True)`. Runs started from Hydra configs store nested
+hyper-parameters as omegaconf containers; only those container classes (plain data holders) are added
+to the weights-only allow-list, and they are turned into plain dicts/lists right after loading.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import pickle
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gridvqa.data import layout
+from gridvqa.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from gridvqa.lit.vqa_module import VQAModule
+
+log = logging.getLogger(__name__)
+
+TRAIN_HINT = "python -m gridvqa.train experiment=e2e"
+SPLITS = ("train", "val", "test", "test-dev")
+DEFAULT_MAX_LENGTH = 14
+DEFAULT_SIZE_DIVISIBILITY = 32
+RESULTS_NAME = "vqa_OpenEnded_mscoco_{split}_gridvqa_results.json"  # the official results-file naming
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _omegaconf_safe_globals() -> list[Any]:
+    """The classes a pickled DictConfig/ListConfig is made of: data holders whose __setstate__ only sets
+    attributes. Found by loading a checkpoint of `python -m gridvqa.train` until nothing was refused."""
+    import collections
+    import typing
+
+    from omegaconf import DictConfig, ListConfig, nodes
+    from omegaconf.base import ContainerMetadata, Metadata
+
+    node_types = [getattr(nodes, n) for n in ("AnyNode", "StringNode", "IntegerNode", "FloatNode",
+                                              "BooleanNode", "BytesNode", "PathNode") if hasattr(nodes, n)]
+    return [DictConfig, ListConfig, ContainerMetadata, Metadata, *node_types, typing.Any,
+            collections.defaultdict, dict, list, tuple, int, float, str, bool, bytes]
+
+
+def _plain(obj: Any) -> Any:
+    """omegaconf containers (and anything nested in dicts/lists) -> plain Python containers."""
+    from omegaconf import Container, OmegaConf
+
+    if isinstance(obj, Container):
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning VQA checkpoint as a dict, read without running code from the file; hyper-parameters
+    come back as plain dicts. Raises ConfigError (missing file) or DataError (unreadable / refused)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: checkpoint not found (train one with: {TRAIN_HINT})")
+    try:
+        with torch.serialization.safe_globals(_omegaconf_safe_globals()):
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((ln.strip() for ln in str(e).splitlines() if "global" in ln.lower()), "")
+        raise DataError(f"{p}: refused by torch's weights-only loader ({reason or 'not a checkpoint'})") from None
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{p}: not a readable torch checkpoint ({first})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), Mapping):
+        raise DataError(f"{p}: not a Lightning checkpoint (no 'state_dict')")
+    for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+        if key in ckpt:
+            ckpt[key] = _plain(ckpt[key])
+    return ckpt
+
+
+def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> VQAModule:
+    """Rebuild the VQAModule of a checkpoint from the checkpoint alone, in eval mode."""
+    from gridvqa.lit.vqa_module import VQAModule
+
+    p = Path(ckpt_path)
+    ckpt = load_checkpoint(p)
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    if not hp.get("answers") or not hp.get("tokenizer_json"):
+        raise DataError(f"{p}: not a gridvqa VQA checkpoint (hyper-parameters lack the answers and tokenizer)")
+    accepted = set(inspect.signature(VQAModule.__init__).parameters) - {"self", "init_from"}
+    ignored = sorted(set(hp) - accepted)
+    if ignored:
+        log.info("%s: ignoring hyper-parameters this VQAModule does not take: %s", p, ignored)
+    kwargs = {k: v for k, v in hp.items() if k in accepted}
+    # The state dict holds every weight: files named at training time (backbone, GloVe) are not needed.
+    if kwargs.get("backbone"):
+        kwargs["backbone"] = {**kwargs["backbone"], "weights": None}
+    if kwargs.get("head"):
+        kwargs["head"] = {**kwargs["head"], "glove_path": None} if "glove_path" in kwargs["head"] else kwargs["head"]
+    dm = ckpt.get("datamodule_hyper_parameters") or {}
+    if kwargs.get("image") is None and dm:
+        kwargs["image"] = {"size": dm.get("image_size"), "short": dm.get("short"),
+                           "max_size": dm.get("max_size"), "norm": dm.get("norm", "detectron2")}
+    try:
+        module = VQAModule(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: cannot rebuild the model: {e}") from None
+    state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("val_acc.")}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DataError(f"{p}: weights do not fit the model its hyper-parameters describe "
+                        f"(missing {_few(missing)}; unexpected {_few(unexpected)})")
+    module.question_max_length = int(dm.get("max_length") or DEFAULT_MAX_LENGTH)
+    module.size_divisibility = int(dm.get("size_divisibility") or DEFAULT_SIZE_DIVISIBILITY)
+    return module.to(map_location).eval()
+
+
+def _few(keys: Sequence[str], k: int = 3) -> str:
+    keys = list(keys)
+    return "none" if not keys else ", ".join(keys[:k]) + (f" and {len(keys) - k} more" if len(keys) > k else "")
+
+
+def _as_module(ckpt_or_module: str | Path | VQAModule) -> VQAModule:
+    if isinstance(ckpt_or_module, (str, Path)):
+        return load_model(ckpt_or_module)
+    return ckpt_or_module
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`auto`/None -> cuda when available, else cpu."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class _EvalMode:
+    """Eval mode and no autograd for the duration; a module given by the caller gets its mode back."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module, self.was_training = module, module.training
+        self.no_grad = torch.inference_mode()
+
+    def __enter__(self) -> None:
+        self.module.eval()
+        self.no_grad.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.no_grad.__exit__(*exc)
+        self.module.train(self.was_training)
+
+
+def image_pipeline(module: VQAModule):
+    """The evaluation image pipeline the checkpoint was trained with (no flips)."""
+    from gridvqa.data.vqa_data import build_pipeline
+
+    img = module.hparams.get("image")
+    if not img:
+        raise ConfigError("the model has no image settings (hyper-parameter `image`); cannot prepare pixels")
+    return build_pipeline(img.get("size"), img.get("short"), img.get("max_size"), img.get("norm", "detectron2"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# One image and one question
+
+
+def predict(
+    ckpt_or_module: str | Path | VQAModule,
+    image: str | Path | Image.Image,
+    question: str,
+    topk: int = 5,
+    device: str | torch.device | None = None,
+) -> list[tuple[str, float]]:
+    """The `topk` most likely answers with their sigmoid probabilities, highest first.
+
+    Needs a `source=pixels` model (the backbone is part of it); models trained on stored HDF5 features
+    cannot see a new image. `device` moves the model there (default: a loaded checkpoint stays on cpu,
+    a module where it is).
+    """
+    from PIL import Image as PILImage
+
+    from gridvqa.data.images import collate_images, load_image
+    from gridvqa.data.text import encode
+
+    if not isinstance(question, str) or not question.strip():
+        raise ConfigError('the question is empty: ask something, e.g. question="what color is the circle?"')
+    if int(topk) < 1:
+        raise ConfigError(f"topk={topk}: must be at least 1")
+    img = image if isinstance(image, PILImage.Image) else load_image(image)  # before the slow model load
+    module = _as_module(ckpt_or_module)
+    if device is not None:
+        module = module.to(resolve_device(device))
+    source = module.hparams.source
+    if source != "pixels":
+        raise ConfigError(
+            f"this checkpoint reads pre-extracted {source} features: prediction from an image needs a "
+            f"source=pixels model (e.g. {TRAIN_HINT}), or extract the image's features first"
+        )
+    max_length = getattr(module, "question_max_length", DEFAULT_MAX_LENGTH)
+    q_ids, q_mask = encode(module.tokenizer, [question], max_length=max_length)
+    if not bool(q_mask.any()):
+        raise ConfigError(f"the question {question!r} has no words once punctuation is removed")
+    tensor, _, info = image_pipeline(module)(img)
+    images, pixel_mask, sizes = collate_images(
+        [tensor], size_divisibility=getattr(module, "size_divisibility", DEFAULT_SIZE_DIVISIBILITY)
+    )
+    batch = {
+        "images": images, "pixel_mask": pixel_mask, "image_sizes": sizes, "q_ids": q_ids, "q_mask": q_mask,
+        "img_index": torch.zeros(1, dtype=torch.long), "orig_size": torch.tensor([info["orig_size"]]),
+    }
+    device = next(module.parameters()).device
+    with _EvalMode(module):
+        probs = module(_to(batch, device)).float().sigmoid()[0].cpu()
+    scores, idx = probs.topk(min(int(topk), probs.numel()))
+    return [(module.answers[i], float(s)) for i, s in zip(idx.tolist(), scores.tolist(), strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# A whole split
+
+
+def check_split(split: str) -> str:
+    """The official name of a split the scorer knows (`val` -> `val2014`); ConfigError naming the valid ones."""
+    try:
+        return layout.official_split(str(split))
+    except ValueError:
+        valid = ", ".join(SPLITS) + " (or " + ", ".join(sorted(set(layout.SPLIT_ALIASES) - set(SPLITS))) + ")"
+        raise ConfigError(f"split={split!r} is not a VQA split; expected one of: {valid}") from None
+
+
+def answer_split(
+    module: VQAModule,
+    data_root: str | Path,
+    split: str,
+    features: str | Path | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+) -> tuple[list[dict[str, Any]], int]:
+    """The model's answer to every question of a split, in the question file's order, and how many of
+    them were answered without their image (unreadable files, or images missing from the feature file):
+    those get the most frequent training answer so the result file still covers the split."""
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    from gridvqa.data.text import encode
+    from gridvqa.data.vqa2 import AnswerVocab, load_split
+    from gridvqa.data.vqa_data import VQADataset, collate_vqa
+
+    check_split(split)
+    root = Path(data_root)
+    if not root.is_dir():
+        raise ConfigError(f"{root}: data root not found (set paths.data_root=DIR or $GRIDVQA_DATA)")
+    source = module.hparams.source
+    entries = load_split(root, split)
+    if not entries:
+        raise DataError(f"{layout.questions_path(root, split)}: no questions")
+    max_length = getattr(module, "question_max_length", DEFAULT_MAX_LENGTH)
+    # The checkpoint's own tokenizer and answers, not the data folder's: they define the model's inputs.
+    q_ids, q_mask = encode(module.tokenizer, [e.question for e in entries], max_length=max_length)
+    pipeline = store = None
+    if source == "pixels":
+        pipeline = image_pipeline(module)
+    else:
+        if features is None:
+            raise ConfigError(
+                f"this checkpoint reads {source} features: give the split's feature file (features=PATH)"
+            )
+        from gridvqa.data.features import open_features
+
+        store = open_features(features)
+    ds = VQADataset(entries, q_ids, q_mask, AnswerVocab(module.answers), split, root, source, pipeline, store,
+                    group_by_image=True)
+    size_div = getattr(module, "size_divisibility", DEFAULT_SIZE_DIVISIBILITY)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=partial(collate_vqa, size_divisibility=size_div))
+    device = next(module.parameters()).device
+    answers: dict[int, str] = {}
+    with _EvalMode(module):
+        for batch in loader:
+            if batch is None:
+                continue
+            logits = module(_to(batch, device))
+            for qid, ans in zip(batch["question_id"].tolist(), module.predict_answers(logits), strict=True):
+                answers[qid] = ans
+    blind = [e.question_id for e in entries if e.question_id not in answers]
+    if blind:
+        # AnswerVocab orders answers by training frequency, so answers[0] is the blind prior's answer.
+        log.warning("%d question(s) answered %r without their image (unreadable or missing): e.g. %s",
+                    len(blind), module.answers[0], blind[:5])
+    return [{"question_id": e.question_id, "answer": answers.get(e.question_id, module.answers[0])}
+            for e in entries], len(blind)
+
+
+@dataclass
+class SplitEvaluation:
+    split: str  # official name, e.g. val2014
+    results_path: Path
+    num_questions: int
+    answered_blind: int
+    scores: dict[str, Any] | None  # the official scorer's output; None without annotations (test splits)
+    annotations_path: Path
+
+    def summary(self) -> str:
+        if self.scores is not None:
+            return json.dumps(self.scores)
+        return (f"wrote {self.num_questions} answers (every question of {self.split}) to {self.results_path}; "
+                f"not scored: no annotations at {self.annotations_path} (submit the file to EvalAI)")
+
+
+def evaluate_split(
+    ckpt_or_module: str | Path | VQAModule,
+    data_root: str | Path,
+    split: str = "val",
+    out: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    features: str | Path | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+) -> SplitEvaluation:
+    """Answer every question of `split`, write the results file (`out`, else the official name under
+    `output_dir`, else the working directory) and score it with the official scorer when the split has
+    annotations."""
+    from gridvqa.metrics import vqa_eval
+
+    official = check_split(split)
+    module = _as_module(ckpt_or_module)
+    if device is not None:
+        module = module.to(resolve_device(device))
+    results, blind = answer_split(module, data_root, split, features, batch_size, num_workers)
+    path = Path(out) if out else Path(output_dir or ".") / RESULTS_NAME.format(split=official)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vqa_eval.write_results(path, results)
+    ann = layout.annotations_path(data_root, split)
+    scores = None
+    if ann.is_file():
+        scores = vqa_eval.evaluate(layout.questions_path(data_root, split), ann, path)
+    return SplitEvaluation(official, path, len(results), blind, scores, ann)
