@@ -4,9 +4,9 @@ The logic behind `python -m gridvqa.evaluate` and `python -m gridvqa.predict`. A
 self-contained (answers, tokenizer and image settings are VQAModule hyper-parameters), so loading needs
 neither the data folder nor the training config.
 
-Checkpoints are read with `torch.load(weights_only=True)`. Runs started from Hydra configs store nested
-hyper-parameters as omegaconf containers; only those container classes (plain data holders) are added
-to the weights-only allow-list, and they are turned into plain dicts/lists right after loading.
+Checkpoints are read with `torch.load(weights_only=True)`. VQAModule now saves plain containers, but
+checkpoints made before that hold Hydra's omegaconf containers: only those container classes (plain data
+holders) are added to the weights-only allow-list, and they become plain dicts/lists right after loading.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gridvqa.config import to_plain
 from gridvqa.data import layout
 from gridvqa.errors import ConfigError, DataError
 
@@ -58,19 +59,6 @@ def _omegaconf_safe_globals() -> list[Any]:
             collections.defaultdict, dict, list, tuple, int, float, str, bool, bytes]
 
 
-def _plain(obj: Any) -> Any:
-    """omegaconf containers (and anything nested in dicts/lists) -> plain Python containers."""
-    from omegaconf import Container, OmegaConf
-
-    if isinstance(obj, Container):
-        return OmegaConf.to_container(obj, resolve=True)
-    if isinstance(obj, Mapping):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_plain(v) for v in obj)
-    return obj
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning VQA checkpoint as a dict, read without running code from the file; hyper-parameters
     come back as plain dicts. Raises ConfigError (missing file) or DataError (unreadable / refused)."""
@@ -82,7 +70,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = next((ln.strip() for ln in str(e).splitlines() if "global" in ln.lower()), "")
-        raise DataError(f"{p}: refused by torch's weights-only loader ({reason or 'not a checkpoint'})") from None
+        reason = reason or "not a checkpoint"
+        raise DataError(f"{p}: refused by torch's weights-only loader ({reason})") from None
     except (RuntimeError, EOFError, ValueError, OSError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{p}: not a readable torch checkpoint ({first})") from None
@@ -90,19 +79,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(f"{p}: not a Lightning checkpoint (no 'state_dict')")
     for key in ("hyper_parameters", "datamodule_hyper_parameters"):
         if key in ckpt:
-            ckpt[key] = _plain(ckpt[key])
+            ckpt[key] = to_plain(ckpt[key])
     return ckpt
 
 
 def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> VQAModule:
     """Rebuild the VQAModule of a checkpoint from the checkpoint alone, in eval mode."""
+    p = Path(ckpt_path)
+    ckpt = load_checkpoint(p)  # first: a missing file is reported before Lightning is imported
     from gridvqa.lit.vqa_module import VQAModule
 
-    p = Path(ckpt_path)
-    ckpt = load_checkpoint(p)
     hp = dict(ckpt.get("hyper_parameters") or {})
     if not hp.get("answers") or not hp.get("tokenizer_json"):
-        raise DataError(f"{p}: not a gridvqa VQA checkpoint (hyper-parameters lack the answers and tokenizer)")
+        raise DataError(f"{p}: not a gridvqa VQA checkpoint (its hyper-parameters lack answers / tokenizer)")
     accepted = set(inspect.signature(VQAModule.__init__).parameters) - {"self", "init_from"}
     ignored = sorted(set(hp) - accepted)
     if ignored:
@@ -111,8 +100,8 @@ def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu") 
     # The state dict holds every weight: files named at training time (backbone, GloVe) are not needed.
     if kwargs.get("backbone"):
         kwargs["backbone"] = {**kwargs["backbone"], "weights": None}
-    if kwargs.get("head"):
-        kwargs["head"] = {**kwargs["head"], "glove_path": None} if "glove_path" in kwargs["head"] else kwargs["head"]
+    if kwargs.get("head") and "glove_path" in kwargs["head"]:
+        kwargs["head"] = {**kwargs["head"], "glove_path": None}
     dm = ckpt.get("datamodule_hyper_parameters") or {}
     if kwargs.get("image") is None and dm:
         kwargs["image"] = {"size": dm.get("image_size"), "short": dm.get("short"),
@@ -133,7 +122,9 @@ def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu") 
 
 def _few(keys: Sequence[str], k: int = 3) -> str:
     keys = list(keys)
-    return "none" if not keys else ", ".join(keys[:k]) + (f" and {len(keys) - k} more" if len(keys) > k else "")
+    if not keys:
+        return "none"
+    return ", ".join(keys[:k]) + (f" and {len(keys) - k} more" if len(keys) > k else "")
 
 
 def _as_module(ckpt_or_module: str | Path | VQAModule) -> VQAModule:
@@ -150,7 +141,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class _EvalMode:
@@ -176,7 +167,8 @@ def image_pipeline(module: VQAModule):
     img = module.hparams.get("image")
     if not img:
         raise ConfigError("the model has no image settings (hyper-parameter `image`); cannot prepare pixels")
-    return build_pipeline(img.get("size"), img.get("short"), img.get("max_size"), img.get("norm", "detectron2"))
+    norm = img.get("norm") or "detectron2"
+    return build_pipeline(img.get("size"), img.get("short"), img.get("max_size"), norm)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -239,12 +231,19 @@ def predict(
 
 
 def check_split(split: str) -> str:
-    """The official name of a split the scorer knows (`val` -> `val2014`); ConfigError naming the valid ones."""
+    """The official name of a split (`val` -> `val2014`); a ConfigError naming the valid ones."""
     try:
         return layout.official_split(str(split))
     except ValueError:
         valid = ", ".join(SPLITS) + " (or " + ", ".join(sorted(set(layout.SPLIT_ALIASES) - set(SPLITS))) + ")"
         raise ConfigError(f"split={split!r} is not a VQA split; expected one of: {valid}") from None
+
+
+def _check_root(data_root: str | Path) -> Path:
+    root = Path(data_root)
+    if not root.is_dir():
+        raise ConfigError(f"{root}: data root not found (set paths.data_root=DIR or $GRIDVQA_DATA)")
+    return root
 
 
 def answer_split(
@@ -267,9 +266,7 @@ def answer_split(
     from gridvqa.data.vqa_data import VQADataset, collate_vqa
 
     check_split(split)
-    root = Path(data_root)
-    if not root.is_dir():
-        raise ConfigError(f"{root}: data root not found (set paths.data_root=DIR or $GRIDVQA_DATA)")
+    root = _check_root(data_root)
     source = module.hparams.source
     entries = load_split(root, split)
     if not entries:
@@ -323,8 +320,9 @@ class SplitEvaluation:
     def summary(self) -> str:
         if self.scores is not None:
             return json.dumps(self.scores)
-        return (f"wrote {self.num_questions} answers (every question of {self.split}) to {self.results_path}; "
-                f"not scored: no annotations at {self.annotations_path} (submit the file to EvalAI)")
+        return (f"wrote {self.num_questions} answers (every question of {self.split}) to "
+                f"{self.results_path}; not scored: no annotations at {self.annotations_path} "
+                "(submit the file to EvalAI)")
 
 
 def evaluate_split(
@@ -344,6 +342,7 @@ def evaluate_split(
     from gridvqa.metrics import vqa_eval
 
     official = check_split(split)
+    _check_root(data_root)  # the cheap checks before the slow model load
     module = _as_module(ckpt_or_module)
     if device is not None:
         module = module.to(resolve_device(device))

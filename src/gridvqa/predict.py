@@ -26,7 +26,9 @@ def main(cfg: DictConfig) -> None:
         if cfg.get("image") is None:
             raise ConfigError("no image given: add image=PATH")
         question = "" if cfg.get("question") is None else str(cfg.question)
-        answers = predict(cfg.ckpt_path, str(cfg.image), question, topk=int(cfg.topk), device=cfg.get("device"))
+        answers = predict(
+            cfg.ckpt_path, str(cfg.image), question, topk=int(cfg.topk), device=cfg.get("device")
+        )
     except GridVQAError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
