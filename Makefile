@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install data train test test-slow test-all lint clean-data
+.PHONY: help install data pretrain train test test-slow test-all lint clean-data
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,10 +29,18 @@ $(DATA)/answers.json: | $(STAMP)
 	$(BIN)/python -m gridvqa.data.synthetic $(DATA)
 	$(BIN)/python -m gridvqa.data.prepare $(DATA)
 
-train: install data  ## prepare the built-in data and run the main job
-	@echo "Data ready in $(DATA)."
-	@echo "VQA training is not built yet (issue 5); the main job will be:"
-	@echo "  $(BIN)/python -m gridvqa.train experiment=e2e"
+PRETRAINED := artifacts/pretrain_vg/backbone.safetensors
+# Hydra overrides passed to every training command (e.g. TRAIN_ARGS="trainer.max_epochs=1").
+TRAIN_ARGS ?=
+DATA_ARG := paths.data_root=$(abspath $(DATA))
+
+pretrain: $(PRETRAINED)  ## VG detector pre-training of the grid backbone (skipped when its weights exist)
+
+$(PRETRAINED): | $(DATA)/answers.json
+	$(BIN)/python -m gridvqa.train experiment=pretrain_vg $(DATA_ARG) $(TRAIN_ARGS)
+
+train: install data pretrain  ## data, VG pre-training, then the main job: end-to-end VQA training
+	$(BIN)/python -m gridvqa.train experiment=e2e $(DATA_ARG) $(TRAIN_ARGS)
 
 test: install  ## run the quick test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

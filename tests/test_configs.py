@@ -3,6 +3,8 @@
 import pytest
 from omegaconf import OmegaConf
 
+from feature_files import write_features
+from gridvqa.errors import ConfigError, find_user_error
 from hydra_utils import EXPERIMENTS, compose_cfg
 
 
@@ -16,7 +18,12 @@ def vocab_root(tmp_path):
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_composes_and_resolves(name, vocab_root):
+def test_experiment_composes_and_resolves(name, vocab_root, tiny_shapes):
+    if name in ("region", "frozen_h5"):  # their widths are read from the feature files
+        vocab_root = tiny_shapes
+        for kind in ("grid", "region"):
+            if not (tiny_shapes / "features" / f"{kind}_train.h5").is_file():
+                write_features(tiny_shapes, kind, "train")
     cfg = compose_cfg([f"experiment={name}"], vocab_root)
     OmegaConf.resolve(cfg)
     assert cfg.task_name and cfg.optimized_metric
@@ -26,3 +33,13 @@ def test_experiment_composes_and_resolves(name, vocab_root):
 def test_vocab_sizes_come_from_data(vocab_root):
     cfg = compose_cfg(["experiment=pretrain_vg"], vocab_root)
     assert cfg.model.num_classes == 3 and cfg.model.num_attributes == 2
+
+
+def test_missing_features_name_the_command(tmp_path):
+    cfg = compose_cfg(["experiment=region"], tmp_path)
+    with pytest.raises(Exception) as ei:
+        OmegaConf.resolve(cfg)
+    err = find_user_error(ei.value)
+    assert isinstance(err, ConfigError)
+    cmd = "python -m gridvqa.extract kind=region split=train"
+    assert f"region_train.h5: features not found (make them with: {cmd})" in str(err)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+from feature_files import write_features
 from gridvqa.training import run
 from hydra_utils import EXPERIMENTS, compose_cfg
 
@@ -33,6 +34,8 @@ def shrink(cfg) -> None:
             cfg.data.image_size, cfg.data.short, cfg.data.max_size = [96, 96], None, None
             cfg.data.val_batch_size = 2
             cfg.model.head = {"size": "tiny"}
+            if cfg.model.source != "pixels":
+                cfg.data.batch_size = 4
 
 
 def write_pretrained_backbone(artifacts: Path) -> None:
@@ -64,6 +67,11 @@ def artifacts(tmp_path_factory):
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_fast_dev_run(name, tiny_shapes, artifacts, tmp_path):
+    if name in ("region", "frozen_h5"):
+        kind = "region" if name == "region" else "grid"
+        for split in ("train", "val"):
+            if not (tiny_shapes / "features" / f"{kind}_{split}.h5").is_file():
+                write_features(tiny_shapes, kind, split)
     if name.startswith("finetune") and not (artifacts / "frozen" / "model.ckpt").is_file():
         run_experiment("frozen", tiny_shapes, artifacts, tmp_path / "frozen")
     run_experiment(name, tiny_shapes, artifacts, tmp_path)

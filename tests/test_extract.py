@@ -1,4 +1,4 @@
-"""Feature extraction to HDF5: both kinds on real files, resume after SIGKILL, broken images, refusals, CLI."""
+"""Feature extraction to HDF5: resume after SIGKILL, broken images, refusals, CLI."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def test_grid_stored_shapes_and_values_match_a_direct_backbone_forward(data, art
             "image_size=null",
             "short=64",
             "max_size=100",
-            "batch_size=1",
+            "batch_size=4",
             "dtype=float32",
         )
     )
@@ -237,7 +237,7 @@ KILL_CHILD = textwrap.dedent("""
 
 
 def test_resume_after_sigkill_gives_the_same_file_as_one_run(data, artifacts, tmp_path):
-    # shortest-side resize, so batches pad images differently: the resumed run must redo the same batches
+    # shortest-side resize: images of several sizes, batched by padded shape
     common = (
         "kind=grid",
         "image_size=null",
@@ -352,28 +352,22 @@ def test_folder_ids_from_coco_names_or_a_stable_map(tmp_path):
         folder_images(tmp_path / "nowhere", tmp_path / "m3.json")
 
 
-def test_batches_group_aspect_ratios_and_are_deterministic(data):
+def test_batches_hold_one_padded_shape_and_cover_every_image(data):
     items = split_images(data, "train")
     resize = ResizeShortest(64, 100)
     plan = plan_batches(items, resize, 2)
     assert sorted(i for b in plan for i in b) == list(range(6)) and plan == plan_batches(items, resize, 2)
-    # 3 portrait and 3 landscape images: only one batch may mix the two
-    mixed = [
-        b
-        for b in plan
-        if len(
-            {
-                resize.output_size(*load_image(items[i].path).size[::-1])[0]
-                > resize.output_size(*load_image(items[i].path).size[::-1])[1]
-                for i in b
-            }
-        )
-        > 1
-    ]
-    assert len(mixed) <= 1
+    for b in plan:
+        shapes = set()
+        for i in b:
+            h, w = resize.output_size(*load_image(items[i].path).size[::-1])
+            shapes.add((math.ceil(h / 32), math.ceil(w / 32)))
+        assert len(shapes) == 1
     assert plan_batches(items, ResizeFixed(64, 64), 4) == [[0, 1, 2, 3], [4, 5]]
     broken = [*items, ImageItem(99, data / "missing.jpg")]
-    assert plan_batches(broken, ResizeShortest(64, 100), 2)[-1][-1] == 6  # unreadable headers last
+    assert plan_batches(broken, resize, 2)[-1] == [6]  # unreadable headers: a batch of their own, last
+    with pytest.raises(ConfigError, match="batch_size"):
+        plan_batches(items, resize, 0)
 
 
 def test_different_settings_are_refused_unless_overwrite(data, tmp_path):

@@ -44,6 +44,25 @@ def _count_answers(path: str) -> int:
     )
 
 
+def _feature_dim(path: str) -> int:
+    """Width of the vectors stored in an HDF5 feature file (grid channels or region vector size)."""
+    from gridvqa.errors import ConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        kind, _, split = p.stem.partition("_")
+        raise ConfigError(
+            f"{p}: features not found (make them with: python -m gridvqa.extract kind={kind} split={split})"
+        )
+    from gridvqa.data.features import open_features
+
+    reader = open_features(p)
+    try:
+        return int(reader.feature_dim)
+    finally:
+        reader.close()
+
+
 def register_resolvers() -> None:
     """OmegaConf resolvers so configs read vocabulary sizes from the data instead of constants."""
     from omegaconf import OmegaConf
@@ -52,6 +71,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
     if not OmegaConf.has_resolver("vocab_size"):
         OmegaConf.register_new_resolver("vocab_size", _count_vocab_lines, use_cache=True)
+    if not OmegaConf.has_resolver("feature_dim"):
+        OmegaConf.register_new_resolver("feature_dim", _feature_dim, use_cache=True)
     if not OmegaConf.has_resolver("num_answers"):
         OmegaConf.register_new_resolver("num_answers", _count_answers, use_cache=True)
 

@@ -17,13 +17,16 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from gridvqa.errors import GridVQAError
+    from gridvqa.errors import find_user_error
     from gridvqa.training import run
 
     try:
         return run(cfg)
-    except GridVQAError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # one line for the errors our code explains; a traceback for the rest
+        user = find_user_error(e)
+        if user is None:
+            raise
+        print(f"error: {user}", file=sys.stderr)
         sys.exit(1)
 
 
