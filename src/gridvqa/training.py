@@ -54,6 +54,8 @@ def run(cfg: DictConfig) -> float | None:
         trainer.fit(
             model, datamodule=datamodule, ckpt_path=_resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.output_dir)
         )
+    elif cfg.get("validate", False):  # score the model as built (e.g. untrained, or from ckpt_path)
+        trainer.validate(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test", False):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
