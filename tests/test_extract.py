@@ -345,6 +345,11 @@ def test_folder_ids_from_coco_names_or_a_stable_map(tmp_path):
     (named / "a.jpg").write_bytes(b"x")  # sorts first, but the earlier files keep their ids
     second = {it.path.name: it.image_id for it in folder_images(named, tmp_path / "m2.json")}
     assert second == {"a.jpg": 2, "b.jpg": 0, "c.png": 1}
+    (coco / "cat.jpg").write_bytes(b"x")  # one name without an id: a map, the COCO ids kept
+    mixed = {it.path.name: it.image_id for it in folder_images(coco, tmp_path / "m4.json")}
+    assert mixed == {"COCO_val2014_000000000007.jpg": 7, "COCO_val2014_000000000042.jpg": 42, "cat.jpg": 43}
+    assert json.loads((tmp_path / "m4.json").read_text())["cat.jpg"] == 43
+
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no image files"):
         folder_images(tmp_path / "empty", tmp_path / "m3.json")

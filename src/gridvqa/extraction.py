@@ -7,9 +7,9 @@ scripts (scripts/bench_extraction.py) and tests can drive them directly:
     model, provenance = build_extractor(cfg)              # GridExtractor | RegionExtractor (+ what made it)
     summary = extract(items, model, pipeline, writer, ...)
 
-Nothing is lost: the FeatureWriter commits finished images atomically, a re-run skips `done_ids`, and the
-batches are planned over the *whole* image list (then finished batches are dropped), so an interrupted and
-resumed run pads every image exactly as an uninterrupted one would and stores identical features.
+Nothing is lost: the FeatureWriter commits finished images atomically and a re-run skips `done_ids`.
+A batch only holds images of one padded shape (see `plan_batches`), so every image's features equal a
+forward of that image alone: they do not depend on batch_size or on where an interrupted run resumed.
 Unreadable images are skipped, logged and listed in `<output>.skipped.json` (file, reason).
 """
 
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -47,6 +48,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 # Which training run makes the default weights of each kind (named in the "weights not found" error).
 TRAIN_COMMAND = {"grid": "pretrain_vg", "region": "pretrain_vg_c4"}
+# Batches pad to a multiple of the backbone's largest stride (res5, 32), as detectron2's ImageList.
+SIZE_DIVISIBILITY = 32
 _COCO_NAME = re.compile(r"(?:.*[_-])?(\d+)")  # COCO_val2014_000000000042 -> 42, VG 2345 -> 2345
 
 
@@ -76,9 +79,9 @@ def split_images(data_root: str | os.PathLike, split: str) -> list[ImageItem]:
 def folder_images(folder: str | os.PathLike, id_map: str | os.PathLike) -> list[ImageItem]:
     """Every image file under `folder` (recursively), sorted by relative path.
 
-    Ids come from COCO / VG style names (the trailing digits of the stem) when those are unique; otherwise
-    from a running index kept in the json file `id_map` ({relative path: id}), which later runs extend
-    without renumbering, so a resumed run maps every file to the same id.
+    Ids come from COCO / VG style names (the trailing digits of the stem) when every name has one and they
+    are unique; otherwise from the json file `id_map` ({relative path: id}): names keep the id they carry,
+    the others get a running index above them, and later runs extend the map without renumbering.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -90,14 +93,19 @@ def folder_images(folder: str | os.PathLike, id_map: str | os.PathLike) -> list[
     if not files:
         raise DataError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     map_path = Path(id_map)
+    known: dict[str, int] = {}
     if not map_path.exists():
         matches = [_COCO_NAME.fullmatch(p.stem) for p in files]
-        if all(matches):
-            ids = [int(m.group(1)) for m in matches]  # type: ignore[union-attr]
-            if len(set(ids)) == len(ids):
-                return [ImageItem(i, p) for i, p in zip(ids, files, strict=True)]
-    known: dict[str, int] = {}
-    if map_path.exists():
+        ids = [int(m.group(1)) if m else None for m in matches]
+        if None not in ids and len(set(ids)) == len(ids):
+            return [ImageItem(i, p) for i, p in zip(ids, files, strict=True)]  # type: ignore[arg-type]
+        # a new map keeps the ids the names carry (a file extracted before by name keeps its id)
+        taken: set[int] = set()
+        for p, i in zip(files, ids, strict=True):
+            if i is not None and i not in taken:
+                known[p.relative_to(root).as_posix()] = i
+                taken.add(i)
+    else:
         data = load_json(map_path, "image id map")
         if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
             raise DataError(f"{map_path}: not an image id map (expected {{file name: integer id}})")
@@ -105,7 +113,7 @@ def folder_images(folder: str | os.PathLike, id_map: str | os.PathLike) -> list[
         if len(set(known.values())) != len(known):
             raise DataError(f"{map_path}: image id map gives two files the same id")
     next_id = max(known.values(), default=-1) + 1
-    changed = False
+    changed = not map_path.exists()
     items = []
     for p in files:
         name = p.relative_to(root).as_posix()
@@ -131,31 +139,36 @@ def _header_size(path: Path) -> tuple[int, int]:
         return 0, 0
 
 
+def _padded(hw: tuple[int, int]) -> tuple[int, int]:
+    d = SIZE_DIVISIBILITY
+    return -(-hw[0] // d) * d, -(-hw[1] // d) * d
+
+
 def plan_batches(
     items: Sequence[ImageItem], resize: Resize, batch_size: int, workers: int = 8
 ) -> list[list[int]]:
-    """Batches of item indices, images of similar aspect ratio together (less padding).
+    """Batches of item indices; with shortest-side resizing, only images of one padded shape per batch.
 
-    Deterministic for a given image list: a resumed run redoes the same batches, so every image is padded
-    the same way as in an uninterrupted run (padding reaches the features of the border cells).
+    Padding changes the features of the border cells (the padded zeros turn into non-zero activations
+    after the first conv+BN), so a batch holds only images whose sizes round up to the same multiple of 32:
+    each image then gets exactly the padding it would get alone, and the stored features do not depend on
+    batch_size, on the other images, or on where an interrupted run resumed. (The collate function checks
+    this again on the decoded images, in case a header lied.)
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    order = list(range(len(items)))
-    if isinstance(resize, ResizeShortest) and batch_size > 1:
+    if isinstance(resize, ResizeFixed):
+        groups = [list(range(len(items)))]
+    else:
         with ThreadPoolExecutor(max(1, workers)) as pool:
             sizes = list(pool.map(_header_size, [it.path for it in items]))
-
-        # unreadable headers last; among the rest, by output shape then aspect ratio, then id
-        def key(i: int) -> tuple:
-            h, w = sizes[i]
-            if h == 0 or w == 0:
-                return (1, 0, 0, 0.0, items[i].image_id)
-            oh, ow = resize.output_size(h, w)
-            return (0, oh > ow, -(oh * ow), h / w, items[i].image_id)
-
-        order.sort(key=key)
-    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, (h, w) in enumerate(sizes):
+            # unreadable headers: one group (0, 0); the workers report those files
+            shape = _padded(resize.output_size(h, w)) if h and w else (0, 0)
+            by_shape.setdefault(shape, []).append(i)
+        groups = [by_shape[k] for k in sorted(by_shape, key=lambda k: (k == (0, 0), -len(by_shape[k]), k))]
+    return [g[k : k + batch_size] for g in groups for k in range(0, len(g), batch_size)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,17 +198,24 @@ class ExtractionDataset(Dataset):
 
 
 def collate_extraction(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Readable images padded into one tensor (detectron2 ImageList); unreadable ones listed apart."""
-    ok = [b for b in batch if b["error"] is None]
-    out: dict[str, Any] = {
-        "failed": [(b["index"], b["error"]) for b in batch if b["error"] is not None],
-        "index": [b["index"] for b in ok],
-        "orig_size": [b["orig_size"] for b in ok],
-        "scale": [b["scale"] for b in ok],
-    }
-    if ok:
-        images, _, sizes = collate_images([b["image"] for b in ok])
-        out["images"], out["sizes"] = images, [tuple(int(v) for v in s) for s in sizes.tolist()]
+    """Unreadable images listed apart; readable ones padded into one tensor per padded shape."""
+    out: dict[str, Any] = {"failed": [(b["index"], b["error"]) for b in batch if b["error"] is not None]}
+    by_shape: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for b in batch:
+        if b["error"] is None:
+            by_shape.setdefault(_padded(tuple(b["image"].shape[-2:])), []).append(b)
+    out["groups"] = []
+    for group in by_shape.values():
+        images, _, sizes = collate_images([b["image"] for b in group], size_divisibility=SIZE_DIVISIBILITY)
+        out["groups"].append(
+            {
+                "index": [b["index"] for b in group],
+                "orig_size": [b["orig_size"] for b in group],
+                "scale": [b["scale"] for b in group],
+                "images": images,
+                "sizes": [tuple(int(v) for v in s) for s in sizes.tolist()],
+            }
+        )
     return out
 
 
@@ -440,11 +460,14 @@ def build_extractor(cfg: Mapping[str, Any]) -> tuple[GridExtractor | RegionExtra
 def provenance(cfg: Mapping[str, Any], model: GridExtractor | RegionExtractor, src: WeightsSource) -> dict:
     """The settings that change the stored numbers (the writer refuses to mix files that differ in them)."""
     bb = model.backbone
+    norm = build_pipeline(cfg).normalization
     prov: dict[str, Any] = {
         "backbone": bb.arch,
         "checkpoint": src.checkpoint,
         "resize": resize_text(build_resize(cfg.get("image_size"), cfg.get("short"), cfg.get("max_size"))),
-        "pixel_norm": str(cfg.get("norm", "detectron2")),
+        "pixel_norm": norm.kind,
+        "pixel_mean": list(norm.mean),
+        "pixel_std": list(norm.std),
         "precision": str(cfg.get("precision", "float32")),
     }
     if isinstance(model, GridExtractor):
@@ -570,7 +593,6 @@ def extract(
 ) -> ExtractionSummary:
     """Extract the images of `items` not yet in `writer`; the writer is left open (the caller closes it).
 
-    Whole planned batches are redone when any of their images is missing (the writer ignores the done ones).
     `max_images` stops after the batch that reaches that many new images. `on_batch(n)` is called after each
     batch (benchmarks, tests). Pass `summary` to see what was done even when the loop raises.
     """
@@ -584,20 +606,13 @@ def extract(
     if summary is None:
         summary = ExtractionSummary(writer.path, model.kind, len(items), before)
     summary.done_before = before
-    batches = [
-        b
-        for b in plan_batches(items, pipeline.resize, batch_size)
-        if any(items[i].image_id not in done for i in b)
-    ]
+    todo_idx = [i for i, it in enumerate(items) if it.image_id not in done]
+    plan = plan_batches([items[i] for i in todo_idx], pipeline.resize, batch_size)
+    batches = [[todo_idx[j] for j in b] for b in plan]
     if max_images is not None:
-        kept, n = [], 0
-        for b in batches:
-            if n >= max_images:
-                break
-            kept.append(b)
-            n += sum(items[i].image_id not in done for i in b)
-        batches = kept
-    todo = sum(sum(items[i].image_id not in done for i in b) for b in batches)
+        counts = np.cumsum([0] + [len(b) for b in batches])
+        batches = batches[: int(np.searchsorted(counts, max_images))]
+    todo = sum(len(b) for b in batches)
     if not batches:
         summary.nothing_to_do = True
         return summary
@@ -624,15 +639,13 @@ def extract(
             torch.inference_mode(),
         ):
             for batch in loader:
-                ids = [items[i].image_id for i in batch["index"] + [i for i, _ in batch["failed"]]]
-                fresh = sum(i not in done for i in ids)
                 new = _run_batch(batch, items, model, writer, device, autocast, summary)
                 summary.done_now += new
                 since_commit += new
                 if since_commit >= commit_images:
                     writer.flush()
                     since_commit = 0
-                bar.update(fresh)
+                bar.update(new + len(batch["failed"]))
                 if summary.skipped:
                     bar.set_postfix(skipped=len(summary.skipped))
                 if on_batch is not None:
@@ -659,22 +672,21 @@ def _run_batch(
         if it.image_id not in done:
             log.warning("skipping image %d: %s: %s", it.image_id, it.path, reason)
             summary.skipped.append((str(it.path), reason))
-    if not batch["index"]:
-        return 0
-    with autocast:
-        outs = model(batch["images"].to(device, non_blocking=True), batch["sizes"])
     new = 0
-    for i, out, size, scale in zip(batch["index"], outs, batch["orig_size"], batch["scale"], strict=True):
-        it = items[i]
-        if it.image_id in done:
-            continue
-        if isinstance(out, dict) and out["features"].shape[0] == 0:
-            # the store cannot hold an image without rows; min_boxes > 0 avoids this
-            log.warning("skipping image %d: %s: the detector kept no box", it.image_id, it.path)
-            summary.skipped.append((str(it.path), "the detector kept no box"))
-            continue
-        _write(writer, it.image_id, out, size, scale)
-        new += 1
+    for group in batch["groups"]:
+        with autocast:
+            outs = model(group["images"].to(device, non_blocking=True), group["sizes"])
+        for i, out, size, scale in zip(group["index"], outs, group["orig_size"], group["scale"], strict=True):
+            it = items[i]
+            if it.image_id in done:
+                continue
+            if isinstance(out, dict) and out["features"].shape[0] == 0:
+                # the store cannot hold an image without rows; min_boxes > 0 avoids this
+                log.warning("skipping image %d: %s: the detector kept no box", it.image_id, it.path)
+                summary.skipped.append((str(it.path), "the detector kept no box"))
+                continue
+            _write(writer, it.image_id, out, size, scale)
+            new += 1
     return new
 
 
@@ -725,7 +737,11 @@ def source_items(cfg: Mapping[str, Any]) -> list[ImageItem]:
 
 def build_pipeline(cfg: Mapping[str, Any]) -> ImagePipeline:
     resize = build_resize(_plain(cfg.get("image_size")), _plain(cfg.get("short")), cfg.get("max_size"))
-    return ImagePipeline(resize, norm=str(cfg.get("norm", "detectron2")))
+    mean, std = _plain(cfg.get("pixel_mean")), _plain(cfg.get("pixel_std"))
+    try:
+        return ImagePipeline(resize, norm=str(cfg.get("norm", "detectron2")), mean=mean, std=std)
+    except ValueError as e:
+        raise ConfigError(f"extraction pixel normalisation: {e}") from None
 
 
 @contextlib.contextmanager
