@@ -27,3 +27,12 @@ def test_errors_are_one_line_with_path(tmp_path):
     bad.write_bytes(b"\xff\xfe{")
     with pytest.raises(DataError, match="not UTF-8"):
         load_json(bad)
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        p = atomic_write_json(tmp_path / "x.json", {})
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == 0o644
