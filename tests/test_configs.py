@@ -43,3 +43,15 @@ def test_missing_features_name_the_command(tmp_path):
     assert isinstance(err, ConfigError)
     cmd = "python -m gridvqa.extract kind=region split=train"
     assert f"region_train.h5: features not found (make them with: {cmd})" in str(err)
+
+
+def test_wandb_offline_unless_a_key_is_configured(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    cfg = compose_cfg(["logger=wandb"], tmp_path)
+    assert cfg.logger.wandb.offline is True
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert compose_cfg(["logger=wandb"], tmp_path).logger.wandb.offline is False
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert compose_cfg(["logger=many"], tmp_path).logger.wandb.offline is True

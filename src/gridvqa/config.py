@@ -63,6 +63,21 @@ def _feature_dim(path: str) -> int:
         reader.close()
 
 
+def wandb_offline() -> bool:
+    """wandb runs in its own offline mode unless a key is configured, so a run never blocks on the
+    network: WANDB_API_KEY, or a `wandb login` entry in ~/.netrc; WANDB_MODE wins when set."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode in ("offline", "disabled", "dryrun")
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" not in netrc.read_text(encoding="utf-8", errors="ignore")
+    except OSError:
+        return True
+
+
 def register_resolvers() -> None:
     """OmegaConf resolvers so configs read vocabulary sizes from the data instead of constants."""
     from omegaconf import OmegaConf
@@ -71,6 +86,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
     if not OmegaConf.has_resolver("vocab_size"):
         OmegaConf.register_new_resolver("vocab_size", _count_vocab_lines, use_cache=True)
+    if not OmegaConf.has_resolver("wandb_offline"):
+        OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
     if not OmegaConf.has_resolver("feature_dim"):
         OmegaConf.register_new_resolver("feature_dim", _feature_dim, use_cache=True)
     if not OmegaConf.has_resolver("num_answers"):
