@@ -52,7 +52,7 @@ test-all: install  ## run every test
 	$(BIN)/python -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
 lint: install  ## ruff
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check .
 
 clean-data:  ## remove the generated built-in data
 	rm -rf $(DATA)

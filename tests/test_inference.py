@@ -10,11 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import Container, OmegaConf
 
+from ckpt_utils import train_pixels_checkpoint
 from gridvqa.data import layout
 from gridvqa.data.prepare import prepare
 from gridvqa.data.synthetic import generate
@@ -29,7 +28,6 @@ from gridvqa.inference import (
 )
 from gridvqa.lit.vqa_module import VQAModule
 from gridvqa.metrics import vqa_eval
-from hydra_utils import compose_cfg
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -41,16 +39,8 @@ def trained(tmp_path_factory):
     root = tmp / "data"
     generate(root, train_images=8, val_images=4, test_images=3)
     prepare(root, min_count=1)
-    overrides = ["data.image_size=[64,64]", "data.num_workers=0", "data.batch_size=4", "backbone.freeze_at=0"]
-    cfg = compose_cfg(overrides, root, tmp / "run")
-    pl.seed_everything(0)
-    model, dm = instantiate(cfg.model), instantiate(cfg.data)
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(model, datamodule=dm)
-    ckpt = tmp / "model.ckpt"
-    trainer.save_checkpoint(ckpt)
-    return root, ckpt, model.eval()
+    ckpt, model = train_pixels_checkpoint(root, tmp)
+    return root, ckpt, model
 
 
 def _image(root: Path, split: str = "val") -> Path:
