@@ -36,6 +36,16 @@ def _resolve_ckpt(ckpt_path: str | None, output_dir: str) -> str | None:
     return str(last) if last.is_file() else None
 
 
+def _finish_wandb() -> None:
+    """wandb keeps one run open per process: finished here, the next job of a sweep run in the same
+    process (Hydra's basic launcher) gets a run of its own instead of logging into this one."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
 def run(cfg: DictConfig) -> float | None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if cfg.get("seed") is not None:
@@ -66,4 +76,5 @@ def run(cfg: DictConfig) -> float | None:
     log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     if name and value is None:
         log.warning("optimized_metric %r was not logged; known: %s", name, sorted(metrics))
+    _finish_wandb()
     return value
