@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+
+from gridvqa.reporting import write_run_summary
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ def _finish_wandb() -> None:
 
 
 def run(cfg: DictConfig) -> float | None:
+    start = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
@@ -76,5 +80,7 @@ def run(cfg: DictConfig) -> float | None:
     log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     if name and value is None:
         log.warning("optimized_metric %r was not logged; known: %s", name, sorted(metrics))
+    if trainer.is_global_zero:  # the run's summary for `python -m gridvqa.report`
+        write_run_summary(cfg, metrics, value, minutes=(time.perf_counter() - start) / 60)
     _finish_wandb()
     return value
