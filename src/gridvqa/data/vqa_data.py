@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from gridvqa.config import to_plain
 from gridvqa.data import layout
@@ -27,6 +27,7 @@ from gridvqa.data.images import (
     collate_images,
     load_image,
 )
+from gridvqa.data.sampling import ResumableDataLoader, ShardSampler, global_seed
 from gridvqa.data.vqa2 import AnswerVocab, VQAEntry, load_split
 from gridvqa.errors import DataError
 
@@ -187,7 +188,12 @@ def build_pipeline(
 
 
 class VQADataModule(pl.LightningDataModule):
-    """VQA v2-format questions/answers (built-in set or real VQA v2) with one visual source."""
+    """VQA v2-format questions/answers (built-in set or real VQA v2) with one visual source.
+
+    Loaders shard by rank themselves (`ShardSampler`): the training order depends on (seed, epoch)
+    only and is restored mid-epoch on resume; under DDP every validation/test question is scored by
+    exactly one rank. `seed` defaults to the one `seed_everything` set.
+    """
 
     def __init__(
         self,
@@ -209,6 +215,7 @@ class VQADataModule(pl.LightningDataModule):
         limit_train: int | None = None,
         limit_val: int | None = None,
         group_by_image: bool = True,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         image_size, features = to_plain(image_size), to_plain(features)
@@ -277,22 +284,33 @@ class VQADataModule(pl.LightningDataModule):
         elif stage in ("test", "predict"):
             self.dataset(self.hparams.test_split)
 
-    def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
+    def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> ResumableDataLoader:
+        """Training (`shuffle=True`): shuffled, shards padded to equal sizes; else in order, unpadded."""
         hp = self.hparams
-        return DataLoader(
-            self.dataset(split),
+        ds = self.dataset(split)
+        kw = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        replicas, rank = int(kw.get("num_replicas", 1)), int(kw.get("rank", 0))
+        if not shuffle and len(ds) < replicas:
+            raise DataError(
+                f"{layout.questions_path(hp.data_root, split)}: {len(ds)} items for {replicas} processes; "
+                "every process needs at least one"
+            )
+        seed = hp.seed if hp.seed is not None else global_seed()
+        sampler = ShardSampler(ds, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed, pad=shuffle)
+        return ResumableDataLoader(
+            ds,
+            sampler=sampler,
             batch_size=batch_size or (hp.batch_size if shuffle else hp.val_batch_size or hp.batch_size),
-            shuffle=shuffle,
             num_workers=hp.num_workers,
             collate_fn=partial(collate_vqa, size_divisibility=hp.size_divisibility),
             persistent_workers=hp.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         return self.loader(self.hparams.train_split, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> ResumableDataLoader:
         return self.loader(self.hparams.val_split)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> ResumableDataLoader:
         return self.loader(self.hparams.test_split)
