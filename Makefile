@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install data pretrain train test test-slow test-all lint clean-data
+.PHONY: help install data pretrain train reproduce test test-slow test-all lint clean-data
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,12 @@ $(PRETRAINED): | $(DATA)/answers.json
 
 train: install data pretrain  ## data, VG pre-training, then the main job: end-to-end VQA training
 	$(BIN)/python -m gridvqa.train experiment=e2e $(DATA_ARG) $(TRAIN_ARGS)
+
+# Overrides of conf/reproduce.yaml (e.g. REPRODUCE_ARGS="seeds=[1] dry_run=true").
+REPRODUCE_ARGS ?=
+
+reproduce: install data  ## the paper's findings on the built-in data -> results/ and README (resumes)
+	$(BIN)/python -m gridvqa.reproduce $(DATA_ARG) $(REPRODUCE_ARGS)
 
 test: install  ## run the quick test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
