@@ -79,7 +79,9 @@ def artifacts(tmp_path_factory) -> Path:
 def make_cfg(data: Path, out: Path, artifacts: Path | None = None, *overrides: str):
     register_resolvers()
     GlobalHydra.instance().clear()
-    base = [f"paths.data_root={data}", f"output={out}", "num_workers=0", "progress=false", "batch_size=2"]
+    # stride 32 (the paper) unless a test asks for res5_dilation=2
+    base = [f"paths.data_root={data}", f"output={out}", "num_workers=0", "progress=false", "batch_size=2",
+            "res5_dilation=1"]
     if artifacts is not None:
         base.append(f"paths.artifacts_dir={artifacts}")
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
@@ -89,14 +91,14 @@ def make_cfg(data: Path, out: Path, artifacts: Path | None = None, *overrides: s
     return cfg
 
 
-def direct_grid(backbone, path: Path, resize) -> np.ndarray:
+def direct_grid(backbone, path: Path, resize, stride: int = 32) -> np.ndarray:
     """res5 of one image alone (padded to a multiple of 32 only), valid cells, [H, W, C]."""
     x, _, info = ImagePipeline(resize)(load_image(path))
     batch, _, _ = collate_images([x])
     with torch.inference_mode():
         f = backbone(batch)["res5"][0]
     h, w = info["size"]
-    return f[:, : math.ceil(h / 32), : math.ceil(w / 32)].permute(1, 2, 0).numpy()
+    return f[:, : math.ceil(h / stride), : math.ceil(w / stride)].permute(1, 2, 0).numpy()
 
 
 def read_all(path: Path) -> dict[int, dict]:
@@ -104,8 +106,10 @@ def read_all(path: Path) -> dict[int, dict]:
         return {i: r.get(i) for i in r.image_ids}
 
 
-def test_grid_stored_shapes_and_values_match_a_direct_backbone_forward(data, artifacts, tmp_path):
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_grid_stored_shapes_and_values_match_a_direct_backbone_forward(data, artifacts, tmp_path, dilation):
     out = tmp_path / "grid.h5"
+    stride = 32 // dilation
     s = run(
         make_cfg(
             data,
@@ -117,25 +121,26 @@ def test_grid_stored_shapes_and_values_match_a_direct_backbone_forward(data, art
             "max_size=100",
             "batch_size=4",
             "dtype=float32",
+            f"res5_dilation={dilation}",
         )
     )
     assert (s.done_now, s.skipped, s.nothing_to_do) == (4, [], False)
     weights = artifacts / "pretrain_vg" / "backbone.safetensors"
-    # the exported backbone ran dilated (stride 16); extraction must undo that on the same weights
-    backbone = build_backbone("R-tiny", norm="BN", weights=weights, res5_dilation=1).eval()
+    # the exported backbone ran dilated (stride 16); res5_dilation=1 must undo that on the same weights
+    backbone = build_backbone("R-tiny", norm="BN", weights=weights, res5_dilation=dilation).eval()
     resize = ResizeShortest(64, 100)
     with open_features(out) as r:
         assert r.provenance["checkpoint"] == file_sha256(weights)
-        assert r.provenance["output_stride"] == 32 and r.dtype == "float32"
+        assert r.provenance["output_stride"] == stride and r.dtype == "float32"
         assert sorted(r.image_ids) == [7, 8, 9, 10]
         for item in split_images(data, "val"):
             got = r.get(item.image_id)
             h0, w0 = load_image(item.path).size[::-1]
             assert tuple(got["image_size"]) == (h0, w0)
             nh, nw = resize.output_size(h0, w0)
-            assert got["grid"].shape == (math.ceil(nh / 32), math.ceil(nw / 32), 256)
+            assert got["grid"].shape == (math.ceil(nh / stride), math.ceil(nw / stride), 256)
             np.testing.assert_allclose(
-                got["grid"], direct_grid(backbone, item.path, resize), rtol=1e-4, atol=1e-4
+                got["grid"], direct_grid(backbone, item.path, resize, stride), rtol=1e-4, atol=1e-4
             )
 
 
@@ -406,6 +411,7 @@ def test_cli_one_line_error_and_nothing_to_do(data, tmp_path):
         "progress=false",
         "image_size=[64,64]",
         "num_workers=0",
+        "res5_dilation=1",
     ]
     run(make_cfg(data, out, None, "kind=grid", "weights=random", "image_size=[64,64]"))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}

@@ -384,15 +384,19 @@ def build_grid_model(cfg: Mapping[str, Any]) -> tuple[GridExtractor, WeightsSour
 
     src = resolve_weights(cfg, "grid")
     bb_cfg = _backbone_kwargs(src.config.get("backbone"), cfg["backbone"])
-    # the res5 map at output stride 32: pre-training's dilation removed on the same weights
-    bb_cfg.update(out_features=["res5"], res5_dilation=1)
+    # the paper's res5 map at output stride 32: pre-training's dilation removed on the same weights
+    # (res5_dilation=2 keeps it, stride 16: the CPU configs' small images then still give a 12x12 grid)
+    dilation = int(cfg.get("res5_dilation", 1))
+    if dilation not in (1, 2):
+        raise ConfigError(f"extract: res5_dilation must be 1 (output stride 32) or 2 (16), got {dilation}")
+    bb_cfg.update(out_features=["res5"], res5_dilation=dilation)
     if src.path is None:
         torch.manual_seed(int(cfg.get("seed", 0)))
     backbone = build_backbone(**bb_cfg)
     if src.path is not None:
         backbone.load_weights(src.path)
     backbone.freeze(5)  # all of it, BN turned FrozenBN with the learned statistics
-    backbone.set_res5_dilation(1)
+    backbone.set_res5_dilation(dilation)
     return GridExtractor(backbone).eval(), src
 
 
