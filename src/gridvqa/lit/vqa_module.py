@@ -160,10 +160,10 @@ class VQAModule(pl.LightningModule):
         self.val_acc.update(self.predict_answers(logits), batch["answers"], batch["answer_type"])
 
     def on_validation_epoch_end(self) -> None:
-        out = self.val_acc.compute()
-        self.log("val/vqa_acc", 100 * out["overall"], prog_bar=True)
+        out = self.val_acc.compute()  # already summed over processes: the mean of equal values is a no-op
+        self.log("val/vqa_acc", 100 * out["overall"], prog_bar=True, sync_dist=True)
         for k in ("yes_no", "number", "other"):
-            self.log(f"val/vqa_acc_{k}", 100 * out[k])
+            self.log(f"val/vqa_acc_{k}", 100 * out[k], sync_dist=True)
         self.val_acc.reset()
 
     # -- optimisation -------------------------------------------------------------------------------
