@@ -379,7 +379,11 @@ def write_report(
     for p in problems:
         log.warning("skipped %s", p)
     report = summarize(runs, ignore=ignore, sweep_dir=sweep_dir, problems=problems)
-    out = Path(out_dir) if out_dir is not None else Path(sweep_dir)
+    return report, write_report_files(report, Path(out_dir) if out_dir is not None else Path(sweep_dir))
+
+
+def write_report_files(report: Report, out: Path) -> dict[str, Path]:
+    """report.md, report.csv and report.png in `out`: {"md"|"csv"|"png": path}."""
     written = {
         "md": atomic_write_text(out / "report.md", to_markdown(report)),
         "csv": atomic_write_text(out / "report.csv", to_csv(report)),
@@ -387,4 +391,4 @@ def write_report(
     png = plot(report, out / "report.png")
     if png is not None:
         written["png"] = png
-    return report, written
+    return written

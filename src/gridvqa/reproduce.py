@@ -45,11 +45,9 @@ from gridvqa.reporting import (
     Stat,
     load_run,
     override_key,
-    plot,
     stat,
     summarize,
-    to_csv,
-    to_markdown,
+    write_report_files,
 )
 
 BEGIN = "<!-- reproduce:begin -->"
@@ -1108,13 +1106,7 @@ def write_results(opts: Options) -> dict[str, Path]:
     out = opts.results_dir
     report = summarize(records, ignore=PLUMBING + ("paths.data_root", "paths.log_dir", "paths.artifacts_dir"),
                        sweep_dir=_rel(opts.runs_dir))  # fmt: skip
-    written = {
-        "report.md": atomic_write_text(out / "report.md", to_markdown(report)),
-        "report.csv": atomic_write_text(out / "report.csv", to_csv(report)),
-    }
-    png = plot(report, out / "report.png")
-    if png is not None:
-        written["report.png"] = png
+    written = {path.name: path for path in write_report_files(report, out).values()}
     bench = _load_bench(opts)
     if bench is not None:
         written["extraction.md"] = atomic_write_text(
