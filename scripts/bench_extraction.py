@@ -5,8 +5,17 @@
 Four timings over the same JPEG files (written to a temp folder, sized so the resize rule gives exactly
 --size), each through the real extraction code (DataLoader decoding + resizing, forward, HDF5 writing):
   backbone   the bare backbone forward on the already decoded, resized and batched tensors (no I/O)
-  grid       grid extraction: res5 map, stride 32, written to HDF5
+  grid       grid extraction: res5 map, stride 32 (--res5-dilation 2: 16), written to HDF5
   region@P   bottom-up C4 region extraction with P test-time proposals (default 1000 and 300)
+and, unless --no-breakdown, where the grid run's time goes (same images and settings):
+  loader     the extraction's DataLoader alone (decode + resize + collate, pinning on a GPU); its first
+             batch waits for the worker start-up, reported apart as startup_seconds
+  compute    host->device copy, grid forward and the device->host copy of each map in the file's dtype,
+             on already decoded batches (no loader, no writer)
+  writer     the FeatureWriter alone, adding and committing as many maps of the grid file's shape and
+             dtype; close (consolidation) is reported apart, as it is for grid and region
+The main thread does compute + writer while the loader's workers decode ahead, so the grid row can be
+no faster than the slower of (compute + writer) and loader.
 Random weights (timing only). A random detector keeps few boxes above its thresholds, but the C4 head runs
 res5 on *every* post-NMS proposal before scoring (as bottom-up's test-time head does), so the per-region cost
 is the real one; the script counts the regions res5 actually ran on and prints them.
@@ -15,6 +24,7 @@ is the real one; the script counts the regions res5 actually ran on and prints t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -27,14 +37,17 @@ import torch
 from PIL import Image, ImageDraw
 
 from gridvqa.config import conf_dir, register_resolvers
-from gridvqa.data.features import FeatureWriter
+from gridvqa.data.features import FeatureWriter, GridFeatures
 from gridvqa.extraction import (
+    PRECISIONS,
     ExtractionDataset,
     build_extractor,
     build_pipeline,
     collate_extraction,
     extract,
+    extraction_loader,
     folder_images,
+    grid_to_host,
     plan_batches,
     prepare_model,
     resolve_device,
@@ -71,6 +84,7 @@ def compose_cfg(args: argparse.Namespace, folder: Path, kind: str, proposals: in
         f"paths.data_root={folder}",
         f"backbone.name={args.arch}",
         f"backbone.stride_in_1x1={default_stride_in_1x1(args.arch)}",
+        f"res5_dilation={args.res5_dilation}",  # not extract.yaml's default (2, for the CPU-sized runs)
         "image_size=null",
         f"short={min(args.size)}",
         f"max_size={max(args.size)}",
@@ -111,7 +125,14 @@ def time_extraction(cfg, items, device: torch.device) -> dict:
             progress=False,
         )
         sync(device)
-    out = {"images": s.done_now, "seconds": s.seconds, "images_per_s": s.images_per_s}
+        closing = time.perf_counter()
+    # not in `seconds` (extract() ends with the last commit): consolidation copies every row once more
+    out = {
+        "images": s.done_now,
+        "seconds": s.seconds,
+        "images_per_s": s.images_per_s,
+        "close_seconds": time.perf_counter() - closing,
+    }
     if regions:
         out["res5_regions_per_image"] = sum(regions) / s.done_now
         from gridvqa.data.features import RegionFeatures
@@ -168,6 +189,94 @@ def time_backbone(cfg, items, device: torch.device) -> dict:
     return {"images": len(items), "seconds": seconds, "images_per_s": len(items) / seconds}
 
 
+def time_loader(cfg, items, device: torch.device) -> dict:
+    """The extraction's DataLoader alone, batches planned as extract() plans them, no model."""
+    pipeline = build_pipeline(cfg)
+    batches = plan_batches(items, pipeline.resize, cfg.batch_size)
+    loader = extraction_loader(items, pipeline, batches, cfg.num_workers, device)
+    images, first, first_images = 0, None, 0
+    start = time.perf_counter()
+    for batch in loader:  # iter() starts the workers, inside the timed region as in extract()
+        images += sum(len(g["index"]) for g in batch["groups"])
+        if first is None:
+            first, first_images = time.perf_counter() - start, images
+    seconds = time.perf_counter() - start
+    steady = (images - first_images) / (seconds - first) if first is not None and seconds > first else 0.0
+    return {
+        "images": images,
+        "seconds": seconds,
+        "images_per_s": images / seconds,
+        "startup_seconds": first or 0.0,  # worker start-up + the first batch
+        "after_startup_images_per_s": steady,
+    }
+
+
+def time_compute(cfg, items, device: torch.device) -> dict:
+    """What the main thread of a grid run does besides writing, on already decoded batches: the copy to
+    the device, the forward and each map's copy back in the file's dtype (extraction's own grid_to_host)."""
+    model, _ = build_extractor(cfg)
+    prepare_model(model, device, bool(cfg.channels_last))
+    warm_up(model, cfg, items, device)
+    ds = ExtractionDataset(items, build_pipeline(cfg))
+    batches = [
+        collate_extraction([ds[i] for i in b])
+        for b in plan_batches(items, ds.pipeline.resize, cfg.batch_size)
+    ]
+    pin = device.type == "cuda"  # as the extraction's DataLoader hands them over
+    groups = [
+        (g["images"].pin_memory() if pin else g["images"], g["sizes"]) for b in batches for g in b["groups"]
+    ]
+    dtype = PRECISIONS[cfg.precision]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for x, sizes in groups:
+            with autocast:
+                outs = model(x.to(device, non_blocking=True), sizes)
+            for out in outs:
+                grid_to_host(out, cfg.dtype)
+    seconds = time.perf_counter() - start
+    return {"images": len(items), "seconds": seconds, "images_per_s": len(items) / seconds}
+
+
+def time_writer(grid_file: Path, images: int, commit_images: int, folder: Path) -> dict:
+    """The FeatureWriter alone: `images` maps of the grid file's shape and dtype (what grid_to_host hands
+    it), committed every `commit_images` and at the end as extract() does; close timed apart."""
+    with GridFeatures(grid_file) as r:
+        first = r.image_ids[0]
+        (h, w), c, dtype = r.grid_shape(first), r.feature_dim, r.dtype
+        size = r.get(first)["image_size"]
+    rng = np.random.default_rng(0)
+    maps = [rng.standard_normal((h, w, c), dtype=np.float32).astype(dtype) for _ in range(min(images, 4))]
+    add = commit = 0.0
+    with FeatureWriter(
+        folder / "writer_only.h5", "grid", {"bench": "writer"}, dtype=dtype, overwrite=True
+    ) as writer:
+        for i in range(images):
+            t = time.perf_counter()
+            # an automatic commit (the writer's commit_bytes) counts here
+            writer.add_grid(i + 1, maps[i % len(maps)], size)
+            add += time.perf_counter() - t
+            if (i + 1) % commit_images == 0 or i + 1 == images:
+                t = time.perf_counter()
+                writer.flush()
+                commit += time.perf_counter() - t
+        closing = time.perf_counter()
+    seconds = add + commit
+    return {
+        "images": images,
+        "seconds": seconds,
+        "images_per_s": images / seconds,
+        "add_seconds": add,
+        "commit_seconds": commit,
+        "close_seconds": time.perf_counter() - closing,
+        "grid_shape": [h, w, c],
+        "dtype": dtype,
+        "megabytes": images * h * w * c * np.dtype(dtype).itemsize / 1e6,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="R-50", choices=list(ARCHS))
@@ -184,8 +293,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (decoding, resizing)")
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--proposals", type=int, nargs="+", default=[1000, 300])
+    p.add_argument(
+        "--res5-dilation",
+        type=int,
+        default=1,
+        choices=[1, 2],
+        help="grid: 1 = the paper's output stride 32, 2 = stride 16 (4x the cells and bytes)",
+    )
+    p.add_argument(
+        "--proposals", type=int, nargs="*", default=[1000, 300], help="region rows (none: grid rows only)"
+    )
     p.add_argument("--flops", action="store_true", help="also count GFLOPs per image (one more forward each)")
+    p.add_argument(
+        "--breakdown",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the grid pipeline's parts: loader, compute, writer (default: on)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
@@ -199,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             round(min(args.size) * 0.6), round(max(args.size) * 0.6)
         )
         print(
-            f"{args.arch}, {args.images} images {w}x{h} (w x h), batch {args.batch}, {args.precision}, "
+            f"{args.arch}, {args.images} images {w}x{h} (w x h), grid at output stride "
+            f"{32 // args.res5_dilation}, batch {args.batch}, {args.precision}, "
             f"device {device} ({_device_name(device)}), torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads",
             flush=True,
@@ -212,6 +337,15 @@ def main(argv: list[str] | None = None) -> int:
             name = f"region@{n}"
             results[name] = time_extraction(compose_cfg(args, folder, "region", n), items, device)
             _report(name, results[name])
+        breakdown = {}
+        if args.breakdown:
+            breakdown["loader"] = time_loader(grid_cfg, items, device)
+            breakdown["compute"] = time_compute(grid_cfg, items, device)
+            grid_file = Path(grid_cfg.output)
+            breakdown["writer"] = time_writer(grid_file, args.images, int(grid_cfg.commit_images), folder)
+            print("  where the grid run's time goes (same images and settings):")
+            for name, r in breakdown.items():
+                _report(name, r, indent=4)
         if args.flops:
             results["grid"]["gflops_per_image"] = count_gflops(grid_cfg, items, device)
             for n in args.proposals:
@@ -230,10 +364,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"GFLOPs per image (convs + matmuls): grid {g:.0f}, {text}")
     bare = results["backbone"]["images_per_s"]
     print(f"  grid throughput / bare backbone = {results['grid']['images_per_s'] / bare:5.2f}")
-    if args.json is not None:
-        args.json.write_text(
-            json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=1)
+    if breakdown:
+        ms = {k: 1000 * r["seconds"] / r["images"] for k, r in breakdown.items()}
+        main_ms = ms["compute"] + ms["writer"]
+        print(
+            f"per image: main thread compute {ms['compute']:.1f} ms + writer {ms['writer']:.1f} ms "
+            f"= {main_ms:.1f} ms, loader {ms['loader']:.1f} ms (in its workers, alongside); "
+            f"grid run {1000 * grid_t:.1f} ms"
         )
+    if args.json is not None:
+        record = {"args": vars(args) | {"json": str(args.json)}, "results": results}
+        if breakdown:  # apart from "results": reports read every row there as an extraction kind
+            record["breakdown"] = breakdown
+        args.json.write_text(json.dumps(record, indent=1))
     return 0
 
 
@@ -243,12 +386,27 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _report(name: str, r: dict) -> None:
-    extra = ""
+def _report(name: str, r: dict, indent: int = 2) -> None:
+    notes = []
     if "res5_regions_per_image" in r:
         regions, boxes = r["res5_regions_per_image"], r["boxes_per_image"]
-        extra = f"  (res5 ran on {regions:.0f} regions/image, {boxes:.0f} boxes kept)"
-    print(f"  {name:<10} {r['images_per_s']:8.3f} images/s  {r['seconds']:8.2f} s{extra}", flush=True)
+        notes.append(f"res5 ran on {regions:.0f} regions/image, {boxes:.0f} boxes kept")
+    if "startup_seconds" in r:
+        notes.append(
+            f"first batch after {r['startup_seconds']:.2f} s (worker start-up), "
+            f"then {r['after_startup_images_per_s']:.2f} images/s"
+        )
+    if "add_seconds" in r:
+        shape = "x".join(map(str, r["grid_shape"]))
+        notes.append(
+            f"{shape} {r['dtype']}, {r['megabytes']:.0f} MB: add {r['add_seconds']:.2f} s, "
+            f"commit {r['commit_seconds']:.2f} s"
+        )
+    if "close_seconds" in r:
+        notes.append(f"close +{r['close_seconds']:.2f} s, not counted")
+    extra = f"  ({'; '.join(notes)})" if notes else ""
+    pad = " " * indent
+    print(f"{pad}{name:<10} {r['images_per_s']:8.3f} images/s  {r['seconds']:8.2f} s{extra}", flush=True)
 
 
 if __name__ == "__main__":

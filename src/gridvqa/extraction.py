@@ -555,11 +555,26 @@ def _to_numpy(x: Tensor) -> Any:
     return x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
 
 
+def grid_to_host(grid: Tensor, dtype: str) -> np.ndarray:
+    """A grid map as the writer stores it, cast to float16 where it was computed.
+
+    On a GPU this halves the device->host copy and spares the host a float16 conversion of every map
+    (numpy on one core: ~4 ms for a 19x32x2048 map, ~27 ms at stride 16); the bits are the same (both
+    round to nearest even). A map that would overflow float16 goes over as float32, so the writer
+    refuses it with its own error.
+    """
+    if dtype == "float16":
+        half = grid.detach().to(torch.float16).contiguous()
+        if not bool(torch.isinf(half).any()):
+            return half.cpu().numpy()
+    return _to_numpy(grid)
+
+
 def _write(
     writer: FeatureWriter, image_id: int, out: Any, orig_size: tuple[int, int], scale: tuple[float, float]
 ) -> None:
     if isinstance(out, Tensor):
-        writer.add_grid(image_id, _to_numpy(out), orig_size)
+        writer.add_grid(image_id, grid_to_host(out, writer.dtype), orig_size)
         return
     h, w = orig_size
     sy, sx = scale
@@ -576,6 +591,23 @@ def _write(
         scores=_to_numpy(out["scores"]),
         attr_labels=_to_numpy(out["attr_labels"]) if "attr_labels" in out else None,
         attr_scores=_to_numpy(out["attr_scores"]) if "attr_scores" in out else None,
+    )
+
+
+def extraction_loader(
+    items: Sequence[ImageItem],
+    pipeline: ImagePipeline,
+    batches: Sequence[Sequence[int]],
+    num_workers: int,
+    device: torch.device,
+) -> DataLoader:
+    """The DataLoader `extract` decodes with (public so the benchmark times the very same one)."""
+    return DataLoader(
+        ExtractionDataset(items, pipeline),
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=collate_extraction,
+        pin_memory=device.type == "cuda",
     )
 
 
@@ -620,13 +652,7 @@ def extract(
     if not batches:
         summary.nothing_to_do = True
         return summary
-    loader = DataLoader(
-        ExtractionDataset(items, pipeline),
-        batch_sampler=batches,
-        num_workers=num_workers,
-        collate_fn=collate_extraction,
-        pin_memory=device.type == "cuda",
-    )
+    loader = extraction_loader(items, pipeline, batches, num_workers, device)
     dtype = PRECISIONS[precision]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     since_commit = 0

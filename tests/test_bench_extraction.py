@@ -1,0 +1,101 @@
+"""scripts/bench_extraction.py on R-tiny at tiny sizes (real extraction, real files), and the grid
+output path it measures (extraction.grid_to_host)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gridvqa.data.features import FeatureWriter, GridFeatures
+from gridvqa.extraction import grid_to_host
+from gridvqa.reproduce import bench_ratios, extraction_markdown
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_extraction.py"
+TINY = ["--arch", "R-tiny", "--size", "64", "96", "--device", "cpu"]  # 63x96 images after the resize
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_extraction", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(bench, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "bench.json"
+    assert bench.main([*TINY, *args, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_rows_breakdown_and_ratios(bench, tmp_path, capsys):
+    record = run(bench, tmp_path, "--images", "3", "--workers", "1", "--proposals", "50")
+    text = capsys.readouterr().out
+    res, parts = record["results"], record["breakdown"]
+    # the rows other scripts read keep their names; the breakdown stays out of them
+    assert list(res) == ["backbone", "grid", "region@50"]
+    assert list(parts) == ["loader", "compute", "writer"]
+    for r in [*res.values(), *parts.values()]:
+        assert r["images"] == 3 and r["seconds"] > 0 and r["images_per_s"] > 0
+    assert res["grid"]["close_seconds"] >= 0 and res["region@50"]["res5_regions_per_image"] == 50
+    loader = parts["loader"]
+    assert 0 < loader["startup_seconds"] <= loader["seconds"] and loader["after_startup_images_per_s"] > 0
+    writer = parts["writer"]
+    assert writer["grid_shape"] == [2, 3, 256] and writer["dtype"] == "float16"  # stride 32 by default
+    assert writer["add_seconds"] + writer["commit_seconds"] == pytest.approx(writer["seconds"])
+    assert writer["megabytes"] == pytest.approx(3 * 2 * 3 * 256 * 2 / 1e6)
+    for name in ("loader", "compute", "writer", "where the grid run's time goes", "region@50 / grid"):
+        assert name in text
+    assert "main thread compute" in text and "output stride 32" in text
+    assert list(bench_ratios(record)) == ["region@50"]
+    assert "loader" not in extraction_markdown(record)
+
+
+def test_stride_16_and_no_region_rows(bench, tmp_path, capsys):
+    record = run(bench, tmp_path, "--images", "2", "--workers", "0", "--res5-dilation", "2", "--proposals")
+    assert list(record["results"]) == ["backbone", "grid"]
+    assert record["breakdown"]["writer"]["grid_shape"] == [4, 6, 256]
+    assert record["args"]["res5_dilation"] == 2 and "output stride 16" in capsys.readouterr().out
+
+
+def test_no_breakdown(bench, tmp_path):
+    record = run(bench, tmp_path, "--images", "1", "--workers", "0", "--proposals", "--no-breakdown")
+    assert "breakdown" not in record and list(record["results"]) == ["backbone", "grid"]
+
+
+def _stored(path: Path, grid: np.ndarray | torch.Tensor) -> np.ndarray:
+    with FeatureWriter(path, "grid", {"test": 1}, overwrite=True) as w:
+        w.add_grid(1, grid, (64, 64))
+    with GridFeatures(path) as r:
+        return r.get(1)["grid"]
+
+
+def test_grid_to_host_stores_the_same_bits_as_a_host_cast(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    # a [C, H, W] map seen as [H, W, C] (as GridExtractor returns it), with values that need rounding,
+    # float16 subnormals and the largest finite float16
+    chw = torch.randn(64, 3, 5, generator=g) * torch.logspace(-7, 4, 64)[:, None, None]
+    chw[0, 0, 0] = 65504.0
+    grid = chw.permute(1, 2, 0)
+    host = grid_to_host(grid, "float16")
+    assert host.dtype == np.float16 and host.flags.c_contiguous and host.shape == (3, 5, 64)
+    a = _stored(tmp_path / "device.h5", host)
+    b = _stored(tmp_path / "host.h5", grid.numpy())  # the writer casts float32 itself
+    np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16))
+    bf16 = (grid / 4).to(torch.bfloat16)  # autocast output (65504 itself rounds to 65536 in bfloat16)
+    np.testing.assert_array_equal(grid_to_host(bf16, "float16"), bf16.float().numpy().astype(np.float16))
+    assert grid_to_host(grid, "float32").dtype == np.float32
+
+
+def test_grid_to_host_overflow_is_still_refused_by_the_writer(tmp_path):
+    grid = torch.zeros(2, 2, 8)
+    grid[1, 1, 3] = 1e6
+    host = grid_to_host(grid, "float16")
+    assert host.dtype == np.float32  # handed over uncast, so the writer's own check applies
+    with pytest.raises(ValueError, match="overflow float16"):
+        _stored(tmp_path / "g.h5", host)
