@@ -16,12 +16,15 @@ import pytorch_lightning as pl
 import torch
 
 from gridvqa.config import to_plain
+from gridvqa.errors import ConfigError
 from gridvqa.lit.schedules import warmup_multistep
 from gridvqa.metrics.detection import DetectionAP
 from gridvqa.models.backbone import build_backbone
 from gridvqa.models.detector import build_detector
 
 log = logging.getLogger(__name__)
+# sgd: the detectron2 recipe. adamw: learns a from-scratch backbone in far fewer steps (CPU-sized runs).
+OPTIMIZERS = ("sgd", "adamw")
 
 
 class DetectionModule(pl.LightningModule):
@@ -39,8 +42,11 @@ class DetectionModule(pl.LightningModule):
         milestones: tuple[int, ...] = (60000, 80000),
         gamma: float = 0.1,
         export_dir: str | None = None,
+        optimizer: str = "sgd",
     ) -> None:
         super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"detector optimizer {optimizer!r} unknown; choose one of {', '.join(OPTIMIZERS)}")
         backbone, detector, milestones = to_plain(backbone), to_plain(detector), to_plain(milestones)
         self.save_hyperparameters()
         self.backbone_cfg = dict(backbone)
@@ -81,11 +87,11 @@ class DetectionModule(pl.LightningModule):
         for p in self.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
-        opt = torch.optim.SGD(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr,
-            momentum=hp.momentum,
-        )
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if hp.get("optimizer", "sgd") == "adamw":
+            opt = torch.optim.AdamW(groups, lr=hp.lr)
+        else:
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
         fn = partial(
             warmup_multistep, warmup_steps=hp.warmup_steps, milestones=tuple(hp.milestones), gamma=hp.gamma
         )
