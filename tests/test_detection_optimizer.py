@@ -1,4 +1,4 @@
-"""Detector pre-training optimiser choice: SGD (detectron2 recipe) or AdamW (the CPU-sized default)."""
+"""Detector pre-training optimiser choice: SGD (the detectron2 recipe, default) or AdamW."""
 
 from __future__ import annotations
 
