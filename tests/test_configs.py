@@ -5,6 +5,7 @@ from omegaconf import OmegaConf
 
 from feature_files import write_features
 from gridvqa.errors import ConfigError, find_user_error
+from gridvqa.models.mcan import MCAN_SIZES, mcan_config
 from hydra_utils import EXPERIMENTS, compose_cfg
 
 
@@ -28,6 +29,16 @@ def test_experiment_composes_and_resolves(name, vocab_root, tiny_shapes):
     OmegaConf.resolve(cfg)
     assert cfg.task_name and cfg.optimized_metric
     assert "_target_" in cfg.model and "_target_" in cfg.data and "_target_" in cfg.trainer
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n.startswith("paper_") and "region" not in n
+                                  and "frozen_x152" not in n])
+def test_paper_heads_keep_mcan_sizes(name, vocab_root):
+    """The paper-scale files inherit the CPU experiments; their head must still be the published MCAN."""
+    cfg = compose_cfg([f"experiment={name}"], vocab_root)
+    head = OmegaConf.to_container(cfg.model.head, resolve=True)
+    built = mcan_config(**head)
+    assert (built.ffn, built.dropout) == (MCAN_SIZES[head["size"]].ffn, 0.1)
 
 
 def test_vocab_sizes_come_from_data(vocab_root):

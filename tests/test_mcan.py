@@ -36,6 +36,9 @@ def test_sizes_and_overrides():
     assert (MCAN_SIZES["large"].hidden, MCAN_SIZES["large"].flat_out) == (1024, 2048)
     cfg = mcan_config("small", layers=2, pos_enc="none")
     assert cfg.layers == 2 and cfg.hidden == 512 and MCAN_SIZES["small"].layers == 6
+    # None keeps the size's value: how a paper-scale config undoes e2e.yaml's CPU-sized head overrides
+    assert mcan_config("small", ffn=None, dropout=None) == MCAN_SIZES["small"]
+    assert mcan_config("tiny", ffn=256, dropout=0.0).dropout == 0.0
     with pytest.raises(ConfigError, match="unknown config fields"):
         mcan_config("small", hiden=3)
     with pytest.raises(ConfigError, match="unknown size"):

@@ -78,7 +78,8 @@ MCAN_SIZES: dict[str, MCANConfig] = {
 
 
 def mcan_config(size: str | MCANConfig = "small", **overrides: Any) -> MCANConfig:
-    """A named size (`tiny`, `small`, `large`) with any field overridden."""
+    """A named size (`tiny`, `small`, `large`) with any field overridden; an override of None keeps the
+    size's own value (so a config can undo a CPU-sized override it inherits)."""
     if isinstance(size, MCANConfig):
         base = size
     elif size in MCAN_SIZES:
@@ -89,7 +90,7 @@ def mcan_config(size: str | MCANConfig = "small", **overrides: Any) -> MCANConfi
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ConfigError(f"MCAN: unknown config fields {unknown} (known: {sorted(names)})")
-    return dataclasses.replace(base, **overrides)
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _nonempty(mask: torch.Tensor) -> torch.Tensor:
