@@ -156,6 +156,9 @@ def test_default_config():
     assert "trainer.max_epochs=2" in opts.vqa_overrides
     assert opts.readme == REPO_ROOT / "README.md" and opts.results_dir == REPO_ROOT / "results"
     assert opts.runs_dir == REPO_ROOT / "logs" / "reproduce"
+    # its pinned pre-training recipe writes beside, not over, `make train`'s artifacts/pretrain_vg
+    assert opts.artifacts_dir == REPO_ROOT / "artifacts" / "reproduce"
+    assert opts.published("e2e", 1) == REPO_ROOT / "artifacts" / "reproduce" / "e2e" / "seed_1" / "model.ckpt"
     assert opts.bench is not None and opts.bench["proposals"] == [1000, 100]
     # the README the default config rewrites has its block
     assert read_block(opts.readme) is not None
@@ -247,7 +250,7 @@ def test_fresh_plan_runs_everything_in_order(tmp_path, capsys):
 
     by_name = {st.name: st for st in steps}
     fine = by_name["train finetune seed 2"]
-    assert "model.init_from=${paths.artifacts_dir}/reproduce/frozen/seed_${seed}/model.ckpt" in fine.overrides
+    assert "model.init_from=${paths.artifacts_dir}/frozen/seed_${seed}/model.ckpt" in fine.overrides
     assert opts.published("frozen", 2) in fine.inputs
     assert opts.published("frozen", 2) in by_name["train frozen seed 2"].outputs
     assert not any(o.startswith("model.init_from") for o in by_name["train e2e seed 2"].overrides)
@@ -472,7 +475,7 @@ def test_reproduce_end_to_end(tiny_shapes, tmp_path, capfd, monkeypatch):
             assert summary["seed"] == seed and summary["task_name"] == s
             assert opts.published(s, seed).is_file()
     hydra_cfg = yaml.safe_load((opts.run_dir("finetune", 2) / ".hydra" / "config.yaml").read_text())
-    assert hydra_cfg["model"]["init_from"].endswith("reproduce/frozen/seed_${seed}/model.ckpt")
+    assert hydra_cfg["model"]["init_from"] == "${paths.artifacts_dir}/frozen/seed_${seed}/model.ckpt"
     for kind in ("grid", "region"):
         for split in ("train", "val"):
             assert extraction_gap(data / "features" / f"{kind}_{split}.h5", data, split) is None

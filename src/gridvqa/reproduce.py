@@ -3,7 +3,7 @@
 Steps, in order (config: conf/reproduce.yaml):
 
     data        the built-in data set, when the data root has none
-    pretrain    VG pre-training of the grid and the C4 detector       -> artifacts/<name>/
+    pretrain    VG pre-training of the grid and the C4 detector       -> artifacts/reproduce/<name>/
     extract     grid and region features of train and val             -> DATA_ROOT/features/<kind>_<split>.h5
     train       one Hydra multirun per setting over the seeds         -> <runs_dir>/<setting>/seed_<n>/
                 (frozen_random, frozen, region, finetune, e2e; finetune starts from its seed's frozen run)
@@ -270,7 +270,7 @@ class Options:
 
     def published(self, setting: str, seed: int) -> Path:
         """Where a VQA run's checkpoint is published (one per seed: finetune reads its seed's)."""
-        return self.artifacts_dir / "reproduce" / setting / f"seed_{seed}" / "model.ckpt"
+        return self.artifacts_dir / setting / f"seed_{seed}" / "model.ckpt"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,8 +563,8 @@ def plan(opts: Options) -> list[Step]:
         common = merge_overrides(
             [f"experiment={s.experiment}"], opts.train_overrides, opts.vqa_overrides, s.overrides
         )
-        publish = "${paths.artifacts_dir}/reproduce/" + s.name + "/seed_${seed}/model.ckpt"
-        init = "${paths.artifacts_dir}/reproduce/" + str(s.init_from) + "/seed_${seed}/model.ckpt"
+        publish = "${paths.artifacts_dir}/" + s.name + "/seed_${seed}/model.ckpt"
+        init = "${paths.artifacts_dir}/" + str(s.init_from) + "/seed_${seed}/model.ckpt"
         for seed in opts.seeds:
             run_dir = opts.run_dir(s.name, seed)
             ovr = [
