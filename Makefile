@@ -45,7 +45,7 @@ train: install data pretrain  ## data, VG pre-training, then the main job: end-t
 # Overrides of conf/reproduce.yaml (e.g. REPRODUCE_ARGS="seeds=[1] dry_run=true").
 REPRODUCE_ARGS ?=
 
-reproduce: install data  ## the paper's findings on the built-in data -> results/ and README (resumes)
+reproduce: install data  ## the paper's findings on the built-in data -> results/ and docs/results.md (resumes)
 	$(BIN)/python -m gridvqa.reproduce $(DATA_ARG) $(REPRODUCE_ARGS)
 
 test: install  ## run the quick test suite

@@ -11,7 +11,7 @@ batches of the train loader, pre-loaded into memory for the compute timings:
   (c) the head alone: forward + loss + backward on the same visual features (detached from the backbone but
       requiring grad, so the head's backward also makes the gradient the step hands to the backbone)
   (d) the data loader alone: a fresh train loader with the configured workers over N batches, no compute
-Goals (issue 5): a <= 1.15 x (b + c); d's rate >= 2 x the step's. A miss is printed, not an error (exit 0).
+Targets: a <= 1.15 x (b + c); d's rate >= 2 x the step's. A miss is printed, not an error (exit 0).
 
 (b), (c) and the optimizer alone run inside the fit, after each epoch (a timing callback), so that every
 measurement of each kind sits next to one of the others: load swings on a shared CPU hit them alike.

@@ -4,7 +4,8 @@ attributes (Visual Genome-format annotations: the built-in data's vg/ or real VG
     python scripts/probe_grid.py --weights artifacts/pretrain_vg/backbone.safetensors --size 128 128
     python scripts/probe_grid.py --weights none --short 112 --max-size 160     # a random backbone
 
-Prints one json line; the logic is gridvqa.metrics.grid_probe.
+Prints one json line; the logic is gridvqa.metrics.grid_probe. Pixels are normalised as the weights
+record (see gridvqa.models.weights); a random backbone gets detectron2's default.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 import torch
 
-from gridvqa.data.images import ImagePipeline, ResizeFixed, ResizeShortest
+from gridvqa.data.images import ImageSpec, build_image_pipeline
 from gridvqa.metrics.grid_probe import probe_grid
 from gridvqa.models.backbone import build_backbone
 
@@ -39,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     weights = None if a.weights == "none" else a.weights
     backbone = build_backbone(a.arch, norm="FrozenBN", freeze_at=0, res5_dilation=a.res5_dilation,
                               out_features=[a.feature], weights=weights)
-    resize = ResizeFixed(*a.size) if a.size else ResizeShortest(a.short, a.max_size)
-    out = probe_grid(backbone, f"{a.data}/vg", ImagePipeline(resize), a.images, a.feature)
+    spec = ImageSpec(size=a.size) if a.size else ImageSpec(short=a.short, max_size=a.max_size)
+    pipeline = build_image_pipeline(spec, weights)
+    out = probe_grid(backbone, f"{a.data}/vg", pipeline, a.images, a.feature)
     print(json.dumps({"weights": a.weights, "input": a.size or [a.short, a.max_size], **out}))
     return 0
 

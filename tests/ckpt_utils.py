@@ -66,3 +66,11 @@ def region_checkpoint(root: Path, path: Path, dim: int = 16) -> tuple[Path, VQAM
                        tokenizer_json=tokenizer_json)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     return path, module.eval()
+
+
+def write_vqa_checkpoint(cfg, path: Path) -> Path:
+    """The untrained model of a composed training config, saved as `PublishCheckpoint` publishes one
+    (what `model.init_from` reads), without training it."""
+    torch.manual_seed(0)
+    torch.save({"state_dict": instantiate(cfg.model).state_dict()}, path)
+    return path

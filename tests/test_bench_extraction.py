@@ -1,16 +1,18 @@
-"""scripts/bench_extraction.py on R-tiny at tiny sizes (real extraction, real files), and the grid
-output path it measures (extraction.grid_to_host)."""
+"""The extraction benchmark (gridvqa.benchmarks.extraction, scripts/bench_extraction.py) on R-tiny at
+tiny sizes (real extraction, real files), and the grid output path it measures (extraction.grid_to_host)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from gridvqa.benchmarks import extraction as bench_module
 from gridvqa.data.features import FeatureWriter, GridFeatures
 from gridvqa.extraction import grid_to_host
 from gridvqa.reproduce import bench_ratios, extraction_markdown
@@ -21,10 +23,24 @@ TINY = ["--arch", "R-tiny", "--size", "64", "96", "--device", "cpu"]  # 63x96 im
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_extraction", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module
+
+
+def test_script_is_the_library_entry_point():
+    """scripts/bench_extraction.py takes the library's flags: the same --help, the same main."""
+    script = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120
+    )
+    module = subprocess.run(
+        [sys.executable, "-m", "gridvqa.benchmarks.extraction", "--help"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert script.returncode == module.returncode == 0, script.stderr + module.stderr
+    flags = ("--arch", "--size", "--images", "--device", "--batch", "--workers", "--precision",
+             "--res5-dilation", "--proposals", "--flops", "--no-breakdown", "--json")  # fmt: skip
+    for flag in flags:
+        assert flag in script.stdout, flag
+    assert script.stdout.split("options:")[1] == module.stdout.split("options:")[1]
 
 
 def run(bench, tmp_path: Path, *args: str) -> dict:

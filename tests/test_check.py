@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +188,83 @@ def test_defaults_and_missing_things(tmp_path):
     assert [(p.kind, p.path) for p in rep.problems] == [("missing_file", no_folder)]
     res = run_cli(str(root), "--splits", "nonsense")
     assert res.returncode == 2 and "unknown split" in res.stderr
+
+
+# -- Visual Genome -------------------------------------------------------------------------------------------
+def write_vg(root: Path) -> dict[str, str]:
+    """A vg/ folder with one of every VG problem; returns {bad path: kind}."""
+    vg = layout.vg_dir(root)
+    for d in layout.VG_IMAGE_DIRS:
+        (vg / d).mkdir(parents=True, exist_ok=True)
+    (vg / "objects_vocab.txt").write_text("circle\nsquare\n")
+    (vg / "attributes_vocab.txt").write_text("red\n")
+    url = "https://cs.stanford.edu/people/rak248/{}/{}.jpg"
+    folders = {1: "VG_100K", 2: "VG_100K_2", 3: "VG_100K_2", 4: "VG_100K", 5: "VG_100K"}
+    meta = [{"image_id": i, "width": 60, "height": 40, "coco_id": None, "url": url.format(f, i)}
+            for i, f in folders.items()]
+    Image.new("RGB", (60, 40), (1, 2, 3)).save(vg / "VG_100K" / "1.jpg")
+    Image.new("RGB", (60, 40), (1, 2, 3)).save(vg / "VG_100K_2" / "2.jpg")
+    Image.new("RGB", (60, 40), (1, 2, 3)).save(vg / "VG_100K_2" / "4.jpg")  # not where its url says
+    Image.effect_noise((200, 150), 60).convert("RGB").save(vg / "VG_100K" / "5.jpg", quality=90)
+    big = (vg / "VG_100K" / "5.jpg").read_bytes()
+    (vg / "VG_100K" / "5.jpg").write_bytes(big[: len(big) // 2])
+    objs = [
+        {"object_id": 10, "x": 1, "y": 1, "w": 10, "h": 10, "names": ["circle"]},
+        {"object_id": 11, "x": float("nan"), "y": 1, "w": 10, "h": 10, "names": ["circle"]},
+        {"object_id": 12, "x": 1, "y": "abc", "w": 10, "h": 10, "names": ["circle"]},
+        {"object_id": 13, "x": 70, "y": 1, "w": 10, "h": 10, "names": ["square"]},  # right of a 60-wide image
+        {"object_id": 14, "x": 55, "y": 1, "w": 10, "h": 10, "names": ["Square."]},  # partly outside
+        {"object_id": 15, "x": 5, "y": 5, "w": 0, "h": 10, "names": ["circle"]},  # empty
+        {"object_id": 16, "x": 5, "y": 5, "w": 10, "h": 10, "names": ["tree"]},  # not in the vocabulary
+    ]
+    anns = [{"image_id": 1, "attributes": objs}, {"image_id": 9, "attributes": []}]
+    (vg / "attributes.json").write_text(json.dumps(anns))
+    (vg / "objects.json").write_text(json.dumps([{"image_id": 1, "objects": objs[:1]}]))
+    (vg / "image_data.json").write_text(json.dumps(meta))
+    return {
+        str(vg / "VG_100K_2" / "3.jpg"): "missing_image",
+        str(vg / "VG_100K" / "5.jpg"): "truncated_image",
+    }
+
+
+def test_visual_genome_problems_are_reported(clean_root):
+    bad = write_vg(clean_root)
+    rep = check(clean_root)
+    found = {p.path: p.kind for p in rep.problems if p.path.endswith(".jpg")}
+    assert found == bad
+    ann = str(layout.vg_dir(clean_root) / "attributes.json")
+    kinds = Counter((p.path, p.kind) for p in rep.problems)
+    assert kinds[(ann, "bad_box")] == 2 and kinds[(ann, "box_outside_image")] == 1
+    assert kinds[(ann, "image_not_in_image_data")] == 1
+    msgs = "\n".join(rep.lines())
+    assert "object 11: box (x, y, w, h) = [nan, 1, 10, 10] is not four finite numbers" in msgs
+    assert "object 12" in msgs and "object 13" in msgs and "lies outside the 60x40 image" in msgs
+    c = rep.counts
+    assert (c["vg_images"], c["vg_images_ok"], c["vg_boxes"]) == (5, 3, 5)
+    assert (c["vg_boxes_clipped"], c["vg_boxes_empty"], c["vg_boxes_outside_vocab"]) == (1, 1, 1)
+    assert any("1 image(s) are not in the folder their url names" in n for n in rep.notes)
+    assert "Visual Genome: images: 5, images read ok: 3, boxes: 5" in rep.summary()
+    assert rep.counts["images_ok"] == 7  # the VQA images are counted apart
+
+
+def test_visual_genome_cli_and_unreadable_files(clean_root):
+    write_vg(clean_root)
+    vg = layout.vg_dir(clean_root)
+    res = run_cli(str(clean_root))
+    assert res.returncode == 1
+    assert f"{vg / 'VG_100K_2' / '3.jpg'}: Visual Genome image 3 has no file" in res.stdout
+    assert "[bad_box]" in res.stdout and "Visual Genome: images: 5" in res.stdout
+    (vg / "attributes.json").write_text("[{")
+    (vg / "objects_vocab.txt").unlink()
+    (vg / "image_data.json").write_text(json.dumps({"images": []}))
+    rep = check(clean_root)
+    got = {(Path(p.path).name, p.kind) for p in rep.problems}
+    assert {("attributes.json", "malformed_json"), ("objects_vocab.txt", "missing_file"),
+            ("image_data.json", "malformed_json")} <= got
+
+
+def test_built_in_visual_genome_is_clean(tiny_shapes):
+    rep = check(tiny_shapes)
+    assert rep.ok, rep.lines()
+    assert rep.counts["vg_images"] > 0 and rep.counts["vg_images_ok"] == rep.counts["vg_images"]
+    assert rep.counts["vg_boxes_outside_vocab"] == rep.counts["vg_boxes_clipped"] == 0

@@ -2,7 +2,7 @@
 
 The key test builds a detectron2-named state dict, converts it, and checks our backbone against an
 independent functional re-implementation of detectron2's ResNet (BottleneckBlock, FrozenBN,
-stride_in_1x1, res5 dilation) written here.
+stride_in_1x1, res5 dilation) in tests/d2_reference.py.
 """
 
 from __future__ import annotations
@@ -10,84 +10,21 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from safetensors import safe_open
 
+from d2_reference import SPECS, d2_reference, make_d2_state
 from gridvqa.errors import ConfigError, DataError
 from gridvqa.models.backbone import build_backbone
 from gridvqa.models.convert import detectron2_to_backbone, main, torchvision_to_backbone
 from gridvqa.models.safe_load import UnsafePickleError, load_state_dict_file
-
-# Small detectron2-style ResNets: (blocks per stage, bottleneck "planes", groups, base width).
-# They mirror the registry entries R-tiny-bottleneck (MSRA-like, stride in 1x1) and X-tiny (ResNeXt).
-SPECS = {
-    "R-tiny-bottleneck": dict(blocks=(1, 1, 1, 2), planes=(16, 32, 64, 128), groups=1, base_width=64),
-    "X-tiny": dict(blocks=(1, 1, 1, 2), planes=(16, 32, 64, 128), groups=4, base_width=16),
-}
-
-
-def make_d2_state(blocks, planes, groups, base_width, seed=0) -> dict[str, torch.Tensor]:
-    """Random detectron2 ResNet weights with non-trivial FrozenBN statistics."""
-    g = torch.Generator().manual_seed(seed)
-    sd: dict[str, torch.Tensor] = {}
-
-    def conv(name: str, cout: int, cin: int, k: int) -> None:
-        sd[f"{name}.weight"] = torch.randn(cout, cin, k, k, generator=g) * (2.0 / (cin * k * k)) ** 0.5
-        sd[f"{name}.norm.weight"] = torch.rand(cout, generator=g) + 0.5
-        sd[f"{name}.norm.bias"] = torch.randn(cout, generator=g) * 0.1
-        sd[f"{name}.norm.running_mean"] = torch.randn(cout, generator=g) * 0.2
-        sd[f"{name}.norm.running_var"] = torch.rand(cout, generator=g) * 1.5 + 0.5
-
-    conv("backbone.stem.conv1", 64, 3, 7)
-    cin = 64
-    for stage, (n, pl) in enumerate(zip(blocks, planes, strict=True), start=2):
-        width, cout = pl * base_width // 64 * groups, pl * 4
-        for i in range(n):
-            p = f"backbone.res{stage}.{i}"
-            if cin != cout:  # detectron2 adds a projection shortcut only when channels change
-                conv(f"{p}.shortcut", cout, cin, 1)
-            conv(f"{p}.conv1", width, cin, 1)
-            conv(f"{p}.conv2", width, width // groups, 3)
-            conv(f"{p}.conv3", cout, width, 1)
-            cin = cout
-    return sd
-
-
-def _conv_frozen_bn(x, sd, name, stride=1, padding=0, dilation=1, groups=1):
-    x = F.conv2d(x, sd[f"{name}.weight"], stride=stride, padding=padding, dilation=dilation, groups=groups)
-    scale = sd[f"{name}.norm.weight"] * (sd[f"{name}.norm.running_var"] + 1e-5).rsqrt()
-    shift = sd[f"{name}.norm.bias"] - sd[f"{name}.norm.running_mean"] * scale
-    return x * scale[None, :, None, None] + shift[None, :, None, None]
-
-
-@torch.no_grad()
-def d2_reference(sd, x, blocks, groups, stride_in_1x1, res5_dilation) -> dict[str, torch.Tensor]:
-    """detectron2 ResNet forward (BasicStem + BottleneckBlock, FrozenBN), written from its definition."""
-    x = F.relu(_conv_frozen_bn(x, sd, "backbone.stem.conv1", stride=2, padding=3))
-    x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
-    out = {}
-    for stage, n in zip(range(2, 6), blocks, strict=True):
-        dil = res5_dilation if stage == 5 else 1
-        first_stride = 1 if stage == 2 or dil == 2 else 2
-        for i in range(n):
-            p = f"backbone.res{stage}.{i}"
-            s = first_stride if i == 0 else 1
-            s1, s3 = (s, 1) if stride_in_1x1 else (1, s)
-            short = _conv_frozen_bn(x, sd, f"{p}.shortcut", stride=s) if f"{p}.shortcut.weight" in sd else x
-            y = F.relu(_conv_frozen_bn(x, sd, f"{p}.conv1", stride=s1))
-            y = _conv_frozen_bn(y, sd, f"{p}.conv2", stride=s3, padding=dil, dilation=dil, groups=groups)
-            y = F.relu(y)
-            y = _conv_frozen_bn(y, sd, f"{p}.conv3")
-            x = F.relu(y + short)
-        out[f"res{stage}"] = x
-    return out
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor) -> None:
@@ -305,3 +242,99 @@ def test_load_state_dict_file_wrappers_and_bad_files(tmp_path):
     torch.save([torch.ones(1)], notdict)
     with pytest.raises(DataError, match="expected a state dict"):
         load_state_dict_file(notdict)
+
+
+# --- pixel normalisation travels with the weights ------------------------------------------------------
+
+X101_STD = [57.375, 57.120, 58.395]  # grid-feats-vqa configs/X-101-grid.yaml PIXEL_STD
+D2_MEAN = [103.530, 116.280, 123.675]
+
+
+def _pixel_norm(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["pixel_norm"])
+
+
+def _converted_x_tiny(tmp_path: Path) -> Path:
+    src = _write(make_d2_state(**SPECS["X-tiny"]), tmp_path / "x.pth", "pth")
+    dst = tmp_path / "x_tiny.safetensors"
+    assert main([str(src), str(dst), "--arch", "X-tiny"]) == 0
+    return dst
+
+
+def test_converter_records_the_sources_pixel_normalisation(tmp_path, capsys):
+    x = _converted_x_tiny(tmp_path)
+    assert "pixel_norm=detectron2_x101" in capsys.readouterr().out
+    assert _pixel_norm(x) == {"kind": "detectron2", "mean": D2_MEAN, "std": X101_STD}
+    r = _write(make_d2_state(**SPECS["R-tiny-bottleneck"]), tmp_path / "r.pth", "pth")
+    assert main([str(r), str(tmp_path / "r.safetensors"), "--arch", "R-tiny-bottleneck"]) == 0
+    assert _pixel_norm(tmp_path / "r.safetensors") == {"kind": "detectron2", "mean": D2_MEAN,
+                                                       "std": [1.0, 1.0, 1.0]}  # MSRA: std in conv1
+    # torchvision / timm ImageNet weights: RGB 0-1, ImageNet mean and std
+    tv = {k.removeprefix("body."): v for k, v in build_backbone("R-tiny-bottleneck").state_dict().items()}
+    torch.save(tv, tmp_path / "tv.pth")
+    assert main([str(tmp_path / "tv.pth"), str(tmp_path / "tv.safetensors"),
+                 "--arch", "R-tiny-bottleneck"]) == 0
+    assert _pixel_norm(tmp_path / "tv.safetensors") == {"kind": "imagenet", "mean": [0.485, 0.456, 0.406],
+                                                        "std": [0.229, 0.224, 0.225]}
+    # a source trained otherwise: said on the command line
+    assert main([str(r), str(tmp_path / "r2.safetensors"), "--arch", "R-tiny-bottleneck",
+                 "--pixel-norm", "detectron2_x101"]) == 0
+    assert _pixel_norm(tmp_path / "r2.safetensors")["std"] == X101_STD
+
+
+def test_vqa_data_and_model_take_the_recorded_normalisation_and_refuse_a_contradiction(tiny_shapes, tmp_path):
+    import hydra
+
+    from gridvqa.errors import find_user_error
+    from hydra_utils import compose_cfg
+
+    weights = _converted_x_tiny(tmp_path)
+    base = ["experiment=e2e", "backbone.name=X-tiny", f"backbone.weights={weights}",
+            "data.image_size=[64,64]"]
+    cfg = compose_cfg(base, tiny_shapes, tmp_path)
+    dm = hydra.utils.instantiate(cfg.data)
+    pipe = dm.dataset("val").pipeline
+    assert list(pipe.normalization.std) == X101_STD and pipe.normalization.bgr
+    model = hydra.utils.instantiate(cfg.model)
+    assert model.hparams.image["std"] == X101_STD and model.hparams.image["norm"] == "detectron2"
+    from gridvqa.inference import image_pipeline
+
+    assert list(image_pipeline(model).normalization.std) == X101_STD  # what evaluate / predict use
+
+    cfg = compose_cfg([*base, "data.pixel_std=[1,1,1]"], tiny_shapes, tmp_path)
+    with pytest.raises(Exception) as e:
+        hydra.utils.instantiate(cfg.data)
+    msg = str(find_user_error(e.value))
+    assert "\n" not in msg and "data.pixel_std=[1.0, 1.0, 1.0]" in msg and str(weights) in msg
+    assert "57.375" in msg
+    with pytest.raises(Exception) as e:
+        hydra.utils.instantiate(compose_cfg(base, tiny_shapes, tmp_path).model,
+                                image={"size": [64, 64], "norm": "imagenet"})
+    assert re.match(r"model\.image\.norm=imagenet contradicts .*x_tiny\.safetensors, whose weights were "
+                    r"trained with pixel norm detectron2 \(leave model\.image\.norm null",
+                    str(find_user_error(e.value)))
+
+
+def test_vg_pretraining_from_converted_weights_uses_and_records_their_normalisation(tiny_shapes, tmp_path):
+    import pytorch_lightning as pl
+
+    from gridvqa.data.detection_data import VGDataModule
+    from gridvqa.lit.detection_module import DetectionModule
+
+    weights = _converted_x_tiny(tmp_path)
+    dm = VGDataModule(str(tiny_shapes), train_short=64, test_short=64, max_size=96, batch_size=2,
+                      num_workers=0, max_val_images=2, weights=str(weights))
+    assert list(dm.normalization.std) == X101_STD
+    torch.manual_seed(0)
+    module = DetectionModule(
+        "grid", dict(name="X-tiny", norm="FrozenBN", freeze_at=2, res5_dilation=2, weights=str(weights)),
+        dict(anchor_sizes=[16, 32, 64], fc_dim=32, batch_size_per_image=16),
+        num_classes=dm.num_classes, num_attributes=dm.num_attributes, export_dir=str(tmp_path / "export"),
+    )
+    pl.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+               enable_model_summary=False).fit(module, datamodule=dm)
+    for name in ("backbone.safetensors", "detector.safetensors"):
+        assert _pixel_norm(tmp_path / "export" / name)["std"] == X101_STD
+    with pytest.raises(ConfigError, match=r"^data\.pixel_std=\[1\.0, 1\.0, 1\.0\] contradicts .*x_tiny"):
+        VGDataModule(str(tiny_shapes), pixel_std=[1, 1, 1], weights=str(weights))

@@ -254,6 +254,25 @@ def test_rpn_boundary_threshold_ignores_anchors_crossing_the_border():
     assert labels[0].tolist() == [0.0, 1.0, 0.0]
 
 
+def test_rpn_boundary_threshold_in_a_training_forward():
+    """Anchors of 128 px on a 64 px image all cross its border: with BOUNDARY_THRESH 0 none is trained on
+    (a zero loss, not NaN); switched off, they are."""
+    from torchvision.models.detection.image_list import ImageList
+
+    torch.manual_seed(0)
+    feats = {"res5": torch.randn(1, 8, 4, 4, requires_grad=True)}
+    images = ImageList(torch.zeros(1, 3, 64, 64), [(64, 64)])
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 60.0, 60.0]])}]
+    for thresh, trained in ((0.0, False), (-1.0, True)):
+        rpn = build_rpn(8, anchor_sizes=[128], aspect_ratios=[1.0], boundary_thresh=thresh)
+        rpn.anchor_generator.stride = 16
+        rpn.train()
+        _, losses = rpn(images, feats, targets)
+        assert all(torch.isfinite(v) for v in losses.values())
+        assert (float(losses["loss_objectness"].detach()) > 0) is trained
+        sum(losses.values()).backward()  # the graph holds even when nothing is trained on
+
+
 # -- detectron2 head conversion ----------------------------------------------------------------------
 def test_detectron2_heads_convert_with_class_and_anchor_permutations():
     sizes, ratios = [16, 32, 64, 128], [0.5, 1.0, 2.0]

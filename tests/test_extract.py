@@ -15,9 +15,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
+from PIL import Image
 
 from gridvqa.config import REPO_ROOT, conf_dir, register_resolvers
 from gridvqa.data import layout
@@ -429,3 +431,110 @@ def test_cli_one_line_error_and_nothing_to_do(data, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "experiment=pretrain_vg" in lines[0]
     with h5py.File(out, "r") as f:  # untouched by the failed run
         assert len(f["image_ids"]) == 4
+
+
+# --- a converted official-layout checkpoint, extracted as the paper does -------------------------------
+
+D2_MEAN = torch.tensor([103.530, 116.280, 123.675])  # BGR, detectron2 defaults.py PIXEL_MEAN
+X101_STD_LIST = [57.375, 57.120, 58.395]  # grid-feats-vqa configs/X-101-grid.yaml PIXEL_STD
+X101_STD = torch.tensor(X101_STD_LIST)
+
+
+def _convert(tmp_path: Path, arch: str, residual_scale: float) -> tuple[dict, Path]:
+    """A random detectron2 checkpoint of `arch` ({"model": sd}, as the official files), converted."""
+    from d2_reference import SPECS, make_d2_state
+    from gridvqa.models.convert import convert
+
+    sd = make_d2_state(**SPECS[arch], seed=7, residual_scale=residual_scale)
+    torch.save({"model": sd}, tmp_path / "official.pth")
+    dst = tmp_path / "converted.safetensors"
+    assert convert(tmp_path / "official.pth", dst, arch).pixel_norm == "detectron2_x101"
+    return sd, dst
+
+
+def _jpeg_600x800(folder: Path) -> Path:
+    folder.mkdir()
+    y, x = np.mgrid[0:600, 0:800]
+    rgb = np.stack([x * 255 // 800, y * 255 // 600, (x + y) % 256], -1).astype(np.uint8)
+    rgb = np.clip(rgb + np.random.default_rng(0).integers(-20, 20, rgb.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(rgb).save(folder / "COCO_val2014_000000000042.jpg", quality=92)
+    return folder / "COCO_val2014_000000000042.jpg"
+
+
+def detectron2_grid(sd: dict, arch: str, jpeg: Path, std: torch.Tensor) -> np.ndarray:
+    """What grid-feats-vqa's extract_grid_feature.py computes, from detectron2's definitions: PIL decode to
+    BGR 0-255, minus PIXEL_MEAN, divided by PIXEL_STD, ResizeShortestEdge(600, 1000) (a 600x800 image keeps
+    its size), zero padding to a multiple of 32 (ImageList), res5 at stride 32; the cells that see pixels."""
+    from d2_reference import SPECS, d2_reference
+
+    with Image.open(jpeg) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+    assert rgb.shape == (600, 800, 3)
+    bgr = torch.from_numpy(rgb[:, :, ::-1].copy()).permute(2, 0, 1)
+    x = (bgr - D2_MEAN[:, None, None]) / std[:, None, None]
+    x = F.pad(x, (0, -800 % 32, 0, -600 % 32))[None]
+    spec = SPECS[arch]
+    res5 = d2_reference(sd, x, spec["blocks"], spec["groups"], stride_in_1x1=False, res5_dilation=1)["res5"]
+    res5 = res5[0]
+    return res5[:, : math.ceil(600 / 32), : math.ceil(800 / 32)].permute(1, 2, 0).numpy()
+
+
+def _check_against_detectron2(stored: np.ndarray, sd: dict, arch: str, jpeg: Path) -> None:
+    want = detectron2_grid(sd, arch, jpeg, X101_STD)
+    assert stored.shape == want.shape == (19, 25, want.shape[-1])
+    scale = float(np.abs(want).max())
+    assert 0 < scale < 1e4 and np.isfinite(stored).all()
+    np.testing.assert_allclose(stored, want, rtol=1e-4, atol=1e-4 * scale)
+    # std 1 (the inputs 57x too large) gives other features: the check above sees the normalisation
+    unscaled = detectron2_grid(sd, arch, jpeg, torch.ones(3))
+    assert np.abs(stored - unscaled).max() > 0.1 * scale
+
+
+def _paper_cfg(images: Path, out: Path, weights: Path, *overrides: str):
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose("extract", overrides=[
+            "extract=paper", "kind=grid", f"images_dir={images}", f"output={out}", f"weights={weights}",
+            "device=cpu", "num_workers=0", "progress=false", "dtype=float32", *overrides])
+
+
+def test_converted_resnext_extracts_as_detectron2_with_its_recorded_std(tmp_path):
+    # X-tiny: the X-101 layout (ResNeXt, stride in the 3x3, FAIR std) at a size the default suite affords
+    sd, weights = _convert(tmp_path, "X-tiny", residual_scale=1.0)
+    jpeg = _jpeg_600x800(tmp_path / "images")
+    out = tmp_path / "grid.h5"
+    cfg = _paper_cfg(jpeg.parent, out, weights, "backbone.name=X-tiny")
+    assert cfg.pixel_std is None and cfg.short == 600 and cfg.max_size == 1000 and cfg.res5_dilation == 1
+    summary = run(cfg)
+    assert summary.done_now == 1 and not summary.skipped
+    with open_features(out) as r:
+        assert r.provenance["pixel_std"] == X101_STD_LIST and r.provenance["output_stride"] == 32
+        assert r.provenance["resize"] == "shortest 600, max 1000"
+        stored = np.asarray(r.get(42)["grid"])
+    _check_against_detectron2(stored, sd, "X-tiny", jpeg)
+    # a setting that contradicts what the weights record stops the run, naming both
+    with pytest.raises(ConfigError) as e:
+        run(_paper_cfg(jpeg.parent, tmp_path / "other.h5", weights, "backbone.name=X-tiny",
+                       "pixel_std=[1,1,1]"))
+    assert str(e.value).startswith(f"pixel_std=[1.0, 1.0, 1.0] contradicts {weights}, whose weights were "
+                                   "trained with pixel std [57.375, 57.12, 58.395]")
+    assert not (tmp_path / "other.h5").exists()
+
+
+@pytest.mark.slow
+def test_converted_x101_through_the_extract_cli_matches_detectron2(tmp_path):
+    # the official layout at full size: 33 ResNeXt blocks, 32 groups x 8, converted from {"model": sd}
+    sd, weights = _convert(tmp_path, "X-101-32x8d", residual_scale=0.2)
+    jpeg = _jpeg_600x800(tmp_path / "images")
+    out = tmp_path / "grid.h5"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
+    cmd = [sys.executable, "-m", "gridvqa.extract", "extract=paper", "kind=grid", f"images_dir={jpeg.parent}",
+           f"output={out}", f"weights={weights}", "device=cpu", "num_workers=0", "progress=false",
+           "dtype=float32", f"paths.log_dir={tmp_path / 'logs'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr
+    with open_features(out) as r:
+        assert r.provenance["backbone"] == "X-101-32x8d" and r.provenance["pixel_std"] == X101_STD_LIST
+        stored = np.asarray(r.get(42)["grid"])
+    _check_against_detectron2(stored, sd, "X-101-32x8d", jpeg)

@@ -210,8 +210,9 @@ def test_bad_files_give_one_line_errors(tmp_path):
         RegionFeatures(path)
     # An unconsolidated file whose part went missing is refused, not read as zeros.
     path = write_grid(tmp_path / "v.h5", range(6), commit_bytes=100, consolidate=False)
-    (tmp_path / "v.h5.parts" / "part-000001.h5").unlink()
-    with pytest.raises(DataError, match=r"v.h5: part file .*part-000001.h5 is missing"):
+    part = sorted((tmp_path / "v.h5.parts").glob("part-*.h5"))[1]
+    part.unlink()
+    with pytest.raises(DataError, match=rf"v.h5: part file .*{part.name} is missing"):
         open_features(path)
 
 
@@ -259,6 +260,34 @@ def test_reader_open_during_consolidation_keeps_working(tmp_path):
     assert not (tmp_path / "g.h5.parts").exists()
     for i in range(8):
         np.testing.assert_array_equal(r.get(i)["grid"], make_grid(i).astype(np.float16))
+
+
+def test_reader_holding_an_old_index_never_reads_newer_data(tmp_path):
+    path = tmp_path / "g.h5"
+    expect = {i: make_grid(i).astype(np.float16) for i in range(12)}
+    # A consolidated file whose data a later writer adopts as a part: the reader must not read that part
+    # through the virtual index after the next consolidation removed it (NaN fill values).
+    write_grid(path, range(4))
+    r = open_features(path)
+    w = FeatureWriter(path, "grid", PROV, commit_bytes=100)
+    w.add_grid(4, make_grid(4), (104, 204))
+    w.flush()
+    np.testing.assert_array_equal(r.get(0)["grid"], expect[0])
+    w.close()
+    for i in range(4):
+        np.testing.assert_array_equal(r.get(i)["grid"], expect[i])
+    # An unconsolidated index whose part names a later writer would give to other data after consolidating.
+    path = tmp_path / "h.h5"
+    write_grid(path, range(6), commit_bytes=100, consolidate=False)
+    r = open_features(path)
+    np.testing.assert_array_equal(r.get(0)["grid"], expect[0])  # opens the first part only
+    FeatureWriter(path, "grid", PROV).close()  # consolidates, removes the parts
+    with FeatureWriter(path, "grid", PROV, commit_bytes=100, consolidate=False) as w:
+        for i in range(6, 12):
+            w.add_grid(i, make_grid(i), (100 + i, 200 + i))
+    for i in range(6):
+        np.testing.assert_array_equal(r.get(i)["grid"], expect[i])
+    assert _check_intact(path) == set(range(12))
 
 
 class _ReaderDataset:
@@ -363,3 +392,133 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         ga, gb = a.get(i), b.get(i)
         assert ga["grid"].dtype == gb["grid"].dtype and np.array_equal(ga["grid"], gb["grid"])
         assert ga["image_size"] == gb["image_size"]
+
+
+def _part_images(path: Path) -> dict[str, list[int]]:
+    """{part file name: ids of the images stored in it}, from the documented datasets."""
+    with h5py.File(path, "r") as f:
+        names = list(f["part_files"].asstr()[:])
+        starts = np.cumsum([0, *f["part_rows"][:]])
+        out: dict[str, list[int]] = {n: [] for n in names}
+        for image_id, o in zip(f["image_ids"][:], f["offset"][:], strict=True):
+            out[names[int(np.searchsorted(starts, o, side="right")) - 1]].append(int(image_id))
+    return out
+
+
+def _damage(part: Path, how: str) -> None:
+    if how == "truncated":
+        os.truncate(part, part.stat().st_size // 2)
+    elif how == "garbage":
+        with open(part, "r+b") as f:
+            f.write(b"\0" * 64)  # the HDF5 signature and superblock
+    elif how == "text":
+        part.write_text("not hdf5")
+    else:  # a readable HDF5 file with the wrong rows
+        part.unlink()
+        with h5py.File(part, "w") as f:
+            f["features"] = np.zeros((1, C), np.float16)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "text", "wrong_rows"])
+def test_damaged_part_is_named_by_readers_and_redone_by_writers(tmp_path, caplog, how):
+    n = 8
+    path = write_grid(tmp_path / "g.h5", range(n), commit_bytes=150, consolidate=False)
+    parts = _part_images(path)
+    assert len(parts) >= 3
+    name, lost = list(parts.items())[1]
+    part = tmp_path / "g.h5.parts" / name
+    _damage(part, how)
+
+    with pytest.raises(DataError) as e:
+        open_features(path)
+    msg = str(e.value)
+    assert "\n" not in msg and f"part file {part} is damaged" in msg and "extraction again" in msg
+
+    with caplog.at_level("WARNING", logger="gridvqa.data.features"):
+        w = FeatureWriter(path, "grid", PROV, commit_bytes=150)
+    warned = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+    assert len(warned) == 1 and f"its {len(lost)} image(s) are dropped" in warned[0]
+    assert w.done_ids == set(range(n)) - set(lost) and w.missing(range(n)) == lost
+    # The index was committed without the part: readers work again while the writer runs.
+    r = open_features(path)
+    assert sorted(r.image_ids) == sorted(set(range(n)) - set(lost))
+    for i in r.image_ids:
+        np.testing.assert_array_equal(r.get(i)["grid"], make_grid(i).astype(np.float16))
+    assert not part.exists()
+    for i in w.missing(range(n)):
+        assert w.add_grid(i, make_grid(i), (100 + i, 200 + i))
+    w.close()
+    # the same file as one uninterrupted run
+    a, b = open_features(path), open_features(write_grid(tmp_path / "ref.h5", range(n)))
+    assert sorted(a.image_ids) == b.image_ids
+    for i in range(n):
+        ga, gb = a.get(i), b.get(i)
+        assert np.array_equal(ga["grid"], gb["grid"]) and ga["image_size"] == gb["image_size"]
+    assert sorted(os.listdir(tmp_path)) == ["g.h5", "ref.h5"]
+
+
+def test_missing_parts(tmp_path, caplog):
+    path = write_grid(tmp_path / "g.h5", range(8), commit_bytes=150, consolidate=False)
+    parts = _part_images(path)
+    name, lost = list(parts.items())[0]
+    (tmp_path / "g.h5.parts" / name).unlink()
+    with caplog.at_level("WARNING", logger="gridvqa.data.features"):
+        with FeatureWriter(path, "grid", PROV) as w:  # one part gone: its images are redone
+            assert w.missing(range(8)) == lost
+            for i in lost:
+                w.add_grid(i, make_grid(i), (100 + i, 200 + i))
+    assert any(f"{name} is missing" in r.getMessage() for r in caplog.records)
+    _check_intact(path)
+
+    # The file moved without its folder: every part is missing. Refused, not silently redone from scratch.
+    path = write_grid(tmp_path / "m" / "g.h5", range(8), commit_bytes=150, consolidate=False)
+    moved = tmp_path / "moved.h5"
+    os.replace(path, moved)
+    with pytest.raises(DataError) as e:
+        FeatureWriter(moved, "grid", PROV)
+    msg = str(e.value)
+    assert "\n" not in msg and "move the folder with the file" in msg and "overwrite=True" in msg
+    with pytest.raises(DataError, match=r"moved.h5: part file .*part-000000-\w+\.h5 is missing"):
+        open_features(moved)
+
+
+def test_part_damaged_during_the_run_fails_consolidation_in_one_line(tmp_path):
+    path = tmp_path / "g.h5"
+    w = FeatureWriter(path, "grid", PROV, commit_bytes=150)
+    for i in range(8):
+        w.add_grid(i, make_grid(i), (100 + i, 200 + i))
+    w.flush()
+    name, lost = list(_part_images(path).items())[1]
+    _damage(tmp_path / "g.h5.parts" / name, "truncated")
+    with pytest.raises(DataError) as e:
+        w.close()
+    assert "\n" not in str(e.value) and name in str(e.value)
+    assert not list(tmp_path.glob(".g.h5.*.tmp"))
+    with FeatureWriter(path, "grid", PROV) as w:  # the next run redoes that part's images
+        assert w.missing(range(8)) == lost
+        for i in lost:
+            w.add_grid(i, make_grid(i), (100 + i, 200 + i))
+    assert _check_intact(path) == set(range(8))
+
+
+@pytest.mark.parametrize("consolidate", [True, False])
+def test_truncated_index_suggests_overwrite(tmp_path, consolidate):
+    path = write_grid(tmp_path / "g.h5", range(6), commit_bytes=150, consolidate=consolidate)
+    os.truncate(path, path.stat().st_size // 2)
+    with pytest.raises(DataError, match="g.h5: not a readable HDF5 file"):
+        open_features(path)
+    with pytest.raises(DataError) as e:
+        FeatureWriter(path, "grid", PROV)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "truncated" in msg and "pass overwrite=True" in msg
+    write_grid(path, range(3), overwrite=True)
+    assert _check_intact(path) == {0, 1, 2}
+    assert sorted(os.listdir(tmp_path)) == ["g.h5"]
+
+
+def test_foreign_file_is_not_offered_overwrite(tmp_path):
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = 1
+    with pytest.raises(DataError) as e:
+        FeatureWriter(tmp_path / "other.h5", "grid", PROV)
+    assert "not a gridvqa feature file" in str(e.value) and "overwrite" not in str(e.value)

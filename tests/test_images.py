@@ -9,18 +9,24 @@ import torch
 from PIL import Image
 
 from gridvqa.data.images import (
+    PIXEL_NORMS,
     ImageError,
     ImagePipeline,
+    ImageSpec,
     ResizeFixed,
     ResizeShortest,
     SkipCounter,
+    build_image_pipeline,
     collate_images,
     feature_mask,
     load_image,
+    resize_from_text,
+    resize_text,
+    resolve_image_spec,
     safe_load_image,
     shortest_edge_size,
 )
-from gridvqa.errors import DataError
+from gridvqa.errors import ConfigError, DataError
 
 
 def noise_jpeg(path, size=(64, 48)):
@@ -250,3 +256,159 @@ def test_feature_mask_uses_ceil_of_valid_size():
     assert fm[1].sum() == 10 * 7 and fm[1, 9, 6] and not fm[1, 10, 0] and not fm[1, 0, 7]
     fm16 = feature_mask(mask, (38, 50), stride=16)
     assert fm16[1].sum() == 19 * 13  # ceil(300/16) = 19, ceil(200/16) = 13
+
+
+# --- one image configuration -------------------------------------------------------------------------
+
+X101_STD = (57.375, 57.120, 58.395)
+
+
+def test_image_spec_round_trips_and_reads_every_config_spelling():
+    from omegaconf import OmegaConf
+
+    spec = ImageSpec(short=[480, 600], max_size=1000, norm="detectron2", std=list(X101_STD), hflip=0.5)
+    assert spec.short == (480, 600) and spec.std == X101_STD and spec.mean is None
+    assert ImageSpec.from_mapping(spec.to_dict()) == spec
+    flat = OmegaConf.create({"image_size": None, "short": [480, 600], "max_size": 1000, "norm": "detectron2",
+                             "pixel_mean": None, "pixel_std": list(X101_STD), "hflip_prob": 0.5,
+                             "batch_size": 8})  # keys of other settings are not its business
+    assert ImageSpec.from_mapping(flat) == spec
+    fixed = ImageSpec(size=(448, 448))
+    assert fixed.to_dict() == {"size": [448, 448], "short": None, "max_size": None, "norm": None,
+                               "mean": None, "std": None, "hflip": 0.0}
+    assert isinstance(fixed.resize(), ResizeFixed) and fixed.resize().output_size(3, 9) == (448, 448)
+    assert spec.resize() == ResizeShortest((480, 600), 1000)
+    # the pipeline it builds is the one ImagePipeline's own arguments give
+    img = Image.effect_noise((40, 30), 60).convert("RGB")
+    a = build_image_pipeline(ImageSpec(short=24, max_size=40, std=X101_STD))(img)[0]
+    b = ImagePipeline(ResizeShortest(24, 40), std=X101_STD)(img)[0]
+    assert torch.equal(a, b)
+    for resize in (ResizeFixed(448, 448), ResizeShortest(600, 1000), ResizeShortest(600, None)):
+        assert resize_from_text(resize_text(resize)) == resize
+    assert resize_from_text("something else") is None
+
+
+@pytest.mark.parametrize("cfg,key", [
+    ({"image_size": [0, 0]}, "data.image_size"),
+    ({"image_size": [448]}, "data.image_size"),
+    ({"short": 0}, "data.short"),
+    ({"short": 600, "max_size": -1}, "data.max_size"),
+    ({"image_size": [8, 8], "norm": "caffe"}, "data.norm"),
+    ({"image_size": [8, 8], "pixel_std": [1, 0, 1]}, "data.pixel_std"),
+    ({"image_size": [8, 8], "pixel_mean": [1, 2]}, "data.pixel_mean"),
+    ({"image_size": [8, 8], "hflip_prob": 2}, "data.hflip_prob"),
+    ({"image_size": None, "short": None}, "data.image_size"),
+])
+def test_bad_image_settings_name_their_key(cfg, key):
+    with pytest.raises(ConfigError) as e:
+        ImageSpec.from_mapping(cfg, prefix="data.")
+    assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def _weights_with_norm(path, norm):
+    from gridvqa.models.weights import pixel_norm_metadata, save_safetensors
+
+    save_safetensors({"body.conv1.weight": torch.zeros(1)}, path, pixel_norm_metadata(norm))
+    return path
+
+
+def test_recorded_normalisation_is_used_unless_a_set_key_contradicts_it(tmp_path):
+    x101 = _weights_with_norm(tmp_path / "x101.safetensors", PIXEL_NORMS["detectron2_x101"])
+    plain = _weights_with_norm(tmp_path / "plain.safetensors", None)  # nothing recorded (older files)
+    spec = ImageSpec.from_mapping({"image_size": [4, 4], "norm": None, "pixel_std": None}, prefix="data.")
+    assert resolve_image_spec(spec, x101).std == X101_STD
+    assert resolve_image_spec(spec, plain).std == (1.0, 1.0, 1.0)  # detectron2's default
+    assert resolve_image_spec(spec, None).std == (1.0, 1.0, 1.0)
+    agreeing = ImageSpec.from_mapping({"image_size": [4, 4], "norm": "detectron2", "pixel_std": X101_STD})
+    assert resolve_image_spec(agreeing, x101).std == X101_STD
+    red = Image.new("RGB", (4, 4), (255, 0, 0))
+    x = build_image_pipeline(spec, x101)(red)[0]
+    assert torch.allclose(x[:, 0, 0], torch.tensor([-103.530 / 57.375, -116.280 / 57.120, 131.325 / 58.395]))
+    for cfg, key in (({"pixel_std": [1, 1, 1]}, "data.pixel_std=[1.0, 1.0, 1.0]"),
+                     ({"norm": "imagenet"}, "data.norm=imagenet"),
+                     ({"pixel_mean": [0, 0, 0]}, "data.pixel_mean=[0.0, 0.0, 0.0]")):
+        bad = ImageSpec.from_mapping({"image_size": [4, 4], **cfg}, prefix="data.")
+        with pytest.raises(ConfigError) as e:
+            resolve_image_spec(bad, x101)
+        msg = str(e.value)
+        assert msg.startswith(f"{key} contradicts {x101}, whose weights were trained with pixel ")
+        assert "\n" not in msg
+    broken = tmp_path / "broken.safetensors"
+    from gridvqa.models.weights import save_safetensors
+
+    save_safetensors({"w": torch.zeros(1)}, broken, {"pixel_norm": '{"kind": "caffe"}'})
+    with pytest.raises(DataError, match="broken.safetensors: the safetensors metadata `pixel_norm`"):
+        resolve_image_spec(spec, broken)
+
+
+# --- degenerate sizes --------------------------------------------------------------------------------
+
+
+def test_a_thin_strip_keeps_at_least_one_pixel_per_side():
+    assert shortest_edge_size(1, 3000, 600, 1000) == (1, 1000)
+    assert shortest_edge_size(3000, 1, 600, 1000) == (1000, 1)
+    for size, want in (((3000, 1), (1, 1000)), ((1, 3000), (1000, 1))):
+        x, boxes, info = ImagePipeline(ResizeShortest(600, 1000))(Image.new("RGB", size), torch.zeros(0, 4))
+        assert tuple(x.shape[-2:]) == want == info["size"] and torch.isfinite(x).all()
+
+
+class UnclampedResize(ResizeShortest):
+    """detectron2's rounding without the 1-pixel floor: a 1x3000 strip becomes 0 pixels high, and torch's
+    resize fails on it as it did before the floor (a real failure inside a loader worker)."""
+
+    def output_size(self, h, w, rng=None):
+        scale = self.short / min(h, w)
+        nh, nw = (self.short, scale * w) if h < w else (scale * h, self.short)
+        s = min(1.0, self.max_size / max(nh, nw))
+        return int(nh * s + 0.5), int(nw * s + 0.5)
+
+
+def _small_data(root):
+    from gridvqa.data.prepare import prepare
+    from gridvqa.data.synthetic import generate
+
+    generate(root, train_images=2, val_images=2, test_images=1, seed=4)
+    prepare(root, min_count=1)
+    return root
+
+
+def test_an_image_that_cannot_be_prepared_is_skipped_and_counted_by_every_loader(tmp_path):
+    from gridvqa.data import layout
+    from gridvqa.data.detection_data import VGDataModule
+    from gridvqa.data.vqa_data import VQADataModule
+    from gridvqa.extraction import ExtractionDataset, ImageItem, collate_extraction
+
+    root = _small_data(tmp_path / "data")
+    failing = ImagePipeline(UnclampedResize(600, 1000))
+    with pytest.raises(RuntimeError):
+        failing(Image.new("RGB", (3000, 1)))  # what the loaders below meet
+
+    # VQA: one image of val replaced by a 1x3000 strip
+    dm = VQADataModule(str(root), image_size=None, short=600, max_size=1000, num_workers=0)
+    ds = dm.dataset("val")
+    strip_id = ds.entries[0].image_id
+    Image.new("RGB", (3000, 1), (9, 9, 9)).save(layout.coco_image_path(root, "val", strip_id))
+    items = [ds[i] for i in range(len(ds))]
+    assert all("image" in it for it in items) and not ds.skipped.count  # the real pipeline copes
+    ds.pipeline = failing
+    items = [ds[i] for i in range(len(ds))]
+    assert sum(it is None or "image" not in it for it in items) == 1 and ds.skipped.count == 1
+    assert "RuntimeError" in ds.skipped.items[0][1]
+
+    # VG detection data
+    vg = VGDataModule(str(root), train_short=600, test_short=600, max_size=1000, num_workers=0)
+    vg.setup()
+    vds = vg.train_set
+    rec = vg.vg[vds.indices[0]]
+    Image.new("RGB", (3000, 1)).save(vg.vg.image_path(rec.image_id))
+    assert vds[0] is not None and vds[0]["image"].shape[-2:] == (1, 1000)
+    vds.pipeline = failing
+    assert vds[0] is None and vds.skipped.count == 1 and "RuntimeError" in vds.skipped.items[0][1]
+
+    # extraction: the item carries the reason, the batch lists it apart
+    path = layout.coco_image_path(root, "val", strip_id)
+    other = layout.coco_image_path(root, "val", ds.entries[-1].image_id)
+    eds = ExtractionDataset([ImageItem(1, path), ImageItem(2, other)], failing)
+    batch = collate_extraction([eds[0], eds[1]])
+    assert [i for i, _ in batch["failed"]] == [0] and "RuntimeError" in batch["failed"][0][1]
+    assert [g["index"] for g in batch["groups"]] == [[1]]

@@ -91,7 +91,9 @@ def test_checkpoints_with_omegaconf_hparams_load_as_plain_containers(trained, tm
     with pytest.raises(Exception, match="omegaconf"):
         torch.load(path, map_location="cpu", weights_only=True)  # plain weights-only refuses it
     loaded = load_model(path)
-    assert loaded.hparams.image == {"size": [64, 64], "short": None, "max_size": None, "norm": "detectron2"}
+    # stored resolved: the normalisation of the (random) backbone weights, detectron2's default
+    assert loaded.hparams.image == {"size": [64, 64], "short": None, "max_size": None, "norm": "detectron2",
+                                    "mean": [103.53, 116.28, 123.675], "std": [1.0, 1.0, 1.0], "hflip": 0.0}
     assert type(loaded.hparams.image) is dict and type(loaded.hparams.milestones) is list
 
 

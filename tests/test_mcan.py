@@ -3,14 +3,16 @@ import torch
 import torch.nn.functional as F
 
 from gridvqa.errors import ConfigError, DataError
-from gridvqa.models.mcan import MCAN_SIZES, MCANOutput, build_mcan, mcan_config
+from gridvqa.models.mcan import MCAN_SIZES, MCANLayerNorm, MCANOutput, build_mcan, mcan_config
 from gridvqa.models.text_encoder import HFTextEncoder, LSTMTextEncoder, read_glove
 
 C = 12  # visual feature width of the small test models
+# The CPU configs' additions (conf/model/vqa.yaml); MCAN as published has none of them.
+CPU_ADDITIONS = {"position_encoding": "sine", "box_embedding": True, "layer_norm": "torch"}
 
 
 def tiny(visual_kind="grid", **kw):
-    kw = {"hidden": 32, "flat_mlp": 32, "flat_out": 64, "ffn": 64, "word_dim": 16, **kw}
+    kw = {"hidden": 32, "flat_mlp": 32, "flat_out": 64, "ffn": 64, "word_dim": 16, **CPU_ADDITIONS, **kw}
     torch.manual_seed(0)
     m = build_mcan("tiny", num_answers=7, visual_dim=C, vocab_size=30, visual_kind=visual_kind, **kw)
     return m.eval()
@@ -31,10 +33,20 @@ def n_params(m):
 # --- config ---------------------------------------------------------------------------------------
 
 
+def test_sizes_are_mcan_vqa_small_and_large():
+    # MILVLG/mcan-vqa cfgs/small_model.yml, cfgs/large_model.yml; FF_SIZE = 4 x HIDDEN_SIZE (base_cfgs.py)
+    fields = ("layers", "hidden", "heads", "ffn", "dropout", "flat_mlp", "flat_glimpses", "flat_out")
+    sizes = {name: tuple(getattr(MCAN_SIZES[name], f) for f in fields) for name in ("small", "large")}
+    assert sizes["small"] == (6, 512, 8, 2048, 0.1, 512, 1, 1024)
+    assert sizes["large"] == (6, 1024, 8, 4096, 0.1, 512, 1, 2048)
+    for name in ("small", "large"):  # and nothing added to MCAN's inputs unless asked for
+        cfg = MCAN_SIZES[name]
+        assert (cfg.position_encoding, cfg.box_embedding, cfg.layer_norm) == ("none", False, "mcan")
+        assert (cfg.text_encoder, cfg.word_dim) == ("lstm", 300)
+
+
 def test_sizes_and_overrides():
-    assert (MCAN_SIZES["small"].hidden, MCAN_SIZES["small"].layers, MCAN_SIZES["small"].ffn) == (512, 6, 2048)
-    assert (MCAN_SIZES["large"].hidden, MCAN_SIZES["large"].flat_out) == (1024, 2048)
-    cfg = mcan_config("small", layers=2, pos_enc="none")
+    cfg = mcan_config("small", layers=2, position_encoding="sine")
     assert cfg.layers == 2 and cfg.hidden == 512 and MCAN_SIZES["small"].layers == 6
     # None keeps the size's value: how a paper-scale config undoes e2e.yaml's CPU-sized head overrides
     assert mcan_config("small", ffn=None, dropout=None) == MCAN_SIZES["small"]
@@ -45,8 +57,10 @@ def test_sizes_and_overrides():
         mcan_config("medium")
     with pytest.raises(ConfigError, match="not divisible"):
         mcan_config("tiny", heads=3)
-    with pytest.raises(ConfigError, match="pos_enc"):
-        mcan_config("tiny", pos_enc="rope")
+    with pytest.raises(ConfigError, match="position_encoding"):
+        mcan_config("tiny", position_encoding="rope")
+    with pytest.raises(ConfigError, match="layer_norm 'batch'"):
+        mcan_config("tiny", layer_norm="batch")
 
 
 def test_param_counts_match_mcan():
@@ -58,7 +72,12 @@ def test_param_counts_match_mcan():
     assert 56e6 < n_params(small) < 60e6
     assert 195e6 < n_params(large) < 208e6
     assert len(small.backbone.encoder) == 6 and len(small.backbone.decoder) == 6
-    assert large.backbone.encoder[0].att.mha.num_heads == 16
+    assert large.backbone.encoder[0].att.mha.num_heads == 8
+    assert large.backbone.decoder[0].ffn[0].out_features == 4096 and large.classifier.in_features == 2048
+    assert small.backbone.decoder[0].guided_att.mha.num_heads == 8 and small.classifier.in_features == 1024
+    assert isinstance(small.norm, MCANLayerNorm)
+    assert isinstance(small.backbone.encoder[0].norm1, MCANLayerNorm)
+    assert small.visual.pos_enc == "none" and small.visual.box_proj is None
     t = build_mcan("tiny", num_answers=3129, visual_dim=2048, vocab_size=20573)
     assert n_params(t) < n_params(small) / 5
 
@@ -185,7 +204,7 @@ def test_gradient_reaches_visual_input_and_not_padding():
 
 
 def test_learned_positions_and_input_errors():
-    m = tiny(pos_enc="learned", max_grid=4)
+    m = tiny(position_encoding="learned", max_grid=4)
     q, qm = questions()
     assert m(q, qm, torch.randn(3, C, 4, 3)).shape == (3, 7)
     with pytest.raises(ConfigError, match="max_grid"):
@@ -194,7 +213,47 @@ def test_learned_positions_and_input_errors():
         m(q, qm, torch.randn(3, C + 1, 2, 2))
     with pytest.raises(ConfigError, match="need grid_hw"):
         m(q, qm, torch.randn(3, 4, C))
-    assert tiny(pos_enc="none")(q, qm, torch.randn(3, 4, C)).shape == (3, 7)
+    assert tiny(position_encoding="none")(q, qm, torch.randn(3, 4, C)).shape == (3, 7)
+
+
+def test_mcan_layer_norm_matches_a_hand_computation():
+    ln = MCANLayerNorm(4)
+    with torch.no_grad():
+        ln.weight.copy_(torch.tensor([1.0, 2.0, 0.5, -1.0]))
+        ln.bias.copy_(torch.tensor([0.0, 1.0, -1.0, 3.0]))
+    x = torch.tensor([[1.0, 2.0, 3.0, 6.0]], dtype=torch.float64)
+    # mean 3; unbiased variance (4 + 1 + 0 + 9) / 3 = 14 / 3; eps 1e-6 added to the std, not the variance
+    std = (14 / 3) ** 0.5
+    rows = zip([1, 2, 3, 6], [1, 2, 0.5, -1], [0, 1, -1, 3], strict=True)
+    expected = [a * (v - 3) / (std + 1e-6) + b for v, a, b in rows]
+    got = ln.double()(x)[0].tolist()
+    ln.float()
+    assert got == pytest.approx(expected, rel=1e-12)
+    # torch's LayerNorm (biased variance, eps under the root) is a different function
+    torch_ln = torch.nn.functional.layer_norm(x, (4,))[0]
+    assert not torch.allclose(torch_ln, torch.tensor([(v - 3) / (std + 1e-6) for v in [1, 2, 3, 6]],
+                                                      dtype=torch.float64))
+    assert ln(x.to(torch.bfloat16)).dtype == torch.float32  # statistics in float32 under bf16 inputs
+
+
+def test_mcan_defaults_add_nothing_to_the_visual_features():
+    q, qm = questions()
+    # Grid: without a position encoding, the head cannot tell cells apart, so permuting them (and the
+    # mask with them) leaves every answer score unchanged; the CPU addition makes it position-aware.
+    feats = torch.randn(3, C, 3, 3)
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(0))
+    shuffled = feats.flatten(2)[:, :, perm].view(3, C, 3, 3)
+    plain = tiny(position_encoding="none", box_embedding=False, layer_norm="mcan")
+    assert torch.allclose(plain(q, qm, feats), plain(q, qm, shuffled), atol=1e-5)
+    sine = tiny(position_encoding="sine")
+    assert not torch.allclose(sine(q, qm, feats), sine(q, qm, shuffled), atol=1e-4)
+    # Regions: MCAN ignores the boxes (none needed); the box embedding makes them matter.
+    region = tiny("region", position_encoding="none", box_embedding=False, layer_norm="mcan")
+    assert region.visual.box_proj is None
+    rf, rm = torch.randn(3, 5, C), torch.ones(3, 5, dtype=torch.bool)
+    boxes = torch.rand(3, 5, 4)
+    assert torch.equal(region(q, qm, rf, rm), region(q, qm, rf, rm, boxes=boxes))
+    assert not any("pos" in n or "row_embed" in n or "box" in n for n, _ in plain.named_parameters())
 
 
 # --- question encoders ----------------------------------------------------------------------------
@@ -289,8 +348,9 @@ def colour_task(n, g):
 
 def test_tiny_head_learns_where_a_colour_is():
     torch.manual_seed(1)
+    # One-hot colours carry no position: the sine position encoding (a CPU addition) tells cells apart.
     m = build_mcan("tiny", num_answers=4, visual_dim=4, vocab_size=9, dropout=0.0, word_dim=32,
-                   hidden=64, flat_mlp=64, flat_out=128, ffn=256)
+                   hidden=64, flat_mlp=64, flat_out=128, ffn=256, **CPU_ADDITIONS)
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1)
     threads = torch.get_num_threads()

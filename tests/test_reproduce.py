@@ -23,7 +23,6 @@ from gridvqa.reproduce import (
     END,
     Options,
     StepFailed,
-    _multirun_command,
     compare_better,
     compare_close,
     compare_cost,
@@ -33,13 +32,17 @@ from gridvqa.reproduce import (
     kv,
     load_config,
     main,
+    multirun_command,
     plan,
     read_block,
     replace_block,
     reproduce,
+    signature,
+    threads_per_job,
     write_readme,
     write_results,
 )
+from gridvqa.reproduce.run import _blocks, _dependencies
 
 SETTINGS = ["frozen_random", "frozen", "region", "finetune", "e2e"]
 
@@ -153,14 +156,17 @@ def test_default_config():
     assert opts.setting("finetune").init_from == "frozen"
     assert opts.pretrain == ["pretrain_vg", "pretrain_vg_c4"]
     assert opts.extract_kinds == ["grid", "region"] and opts.extract_splits == ["train", "val"]
-    assert "trainer.max_epochs=2" in opts.vqa_overrides
-    assert opts.readme == REPO_ROOT / "README.md" and opts.results_dir == REPO_ROOT / "results"
+    # what trains: the experiment files at this reproduction's size (conf/experiment/reproduce/)
+    assert opts.recipe == "reproduce" and opts.vqa_overrides == [] and opts.jobs == 1
+    assert [s.experiment for s in opts.settings] == [f"reproduce/{s}" for s in SETTINGS]
+    assert opts.pretrain_experiments == {n: f"reproduce/{n}" for n in opts.pretrain}
+    assert opts.readme == REPO_ROOT / "docs" / "results.md" and opts.results_dir == REPO_ROOT / "results"
     assert opts.runs_dir == REPO_ROOT / "logs" / "reproduce"
     # its pinned pre-training recipe writes beside, not over, `make train`'s artifacts/pretrain_vg
     assert opts.artifacts_dir == REPO_ROOT / "artifacts" / "reproduce"
     assert opts.published("e2e", 1) == REPO_ROOT / "artifacts" / "reproduce" / "e2e" / "seed_1" / "model.ckpt"
     assert opts.bench is not None and opts.bench["proposals"] == [1000, 100]
-    # the README the default config rewrites has its block
+    # the file the default config rewrites has its block
     assert read_block(opts.readme) is not None
 
 
@@ -187,8 +193,10 @@ def test_override_lists_as_plain_strings():
         (["seeds=[1,1]"], "seeds must differ"),
         (["seeds=[]"], "non-empty list"),
         (["extract.kinds=[pixels]"], "'pixels' is not one of grid, region"),
-        (["setting.e2e.experiment=nope"], "no conf/experiment/nope.yaml"),
-        (["pretrain=[nope]"], "no conf/experiment/nope.yaml"),
+        (["setting.e2e.experiment=nope"], "no conf/experiment/reproduce/nope.yaml"),
+        (["pretrain=[nope]"], "no conf/experiment/reproduce/nope.yaml"),
+        (["recipe=null", "pretrain=[nope]"], "no conf/experiment/nope.yaml"),
+        (["jobs=0"], "jobs must be a whole number"),
     ],
 )
 def test_config_errors(overrides, message):
@@ -224,6 +232,74 @@ def test_kv_values_survive_hydra_parsing():
         assert parser.parse_override(kv("k", value)).value() == value
 
 
+# The keys conf/experiment/reproduce/<name>.yaml may change in conf/experiment/<name>.yaml: its size
+# (conf/experiment/reproduce/_pretrain.yaml, _vqa.yaml, _grid.yaml), never what the setting is.
+VQA_SIZE = {"trainer.max_epochs": 2, "callbacks.val_attention": None}
+GRID_SIZE = {
+    **VQA_SIZE,
+    "backbone.res5_dilation": 1,
+    "data.image_size": [192, 192],
+    "model.head.ffn": 512,
+    "model.head.dropout": 0.1,
+}
+PRETRAIN_SIZE = {
+    "data.train_short": 160,
+    "data.test_short": 160,
+    "data.max_size": 224,
+    "trainer.max_epochs": 4,
+    "model.milestones": [700, 850],
+    "model.warmup_steps": 100,
+    "model.detector.rpn_pre_nms_top_n_train": 12000,
+    "model.detector.rpn_post_nms_top_n_train": 2000,
+    "model.detector.rpn_pre_nms_top_n_test": 6000,
+    "model.detector.rpn_post_nms_top_n_test": 1000,
+}
+RECIPE = {
+    "frozen_random": {**GRID_SIZE, "model.lr": 1.0e-3},
+    "frozen": {**GRID_SIZE, "model.lr": 1.0e-3},
+    "region": VQA_SIZE,
+    "finetune": GRID_SIZE,
+    "e2e": {**GRID_SIZE, "model.lr": 1.0e-3},
+    "pretrain_vg": PRETRAIN_SIZE,
+    "pretrain_vg_c4": PRETRAIN_SIZE,
+}
+
+
+def _flat(cfg, prefix=""):
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _train_cfg(experiment: str) -> dict:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from gridvqa.config import conf_dir, register_resolvers
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"])
+    return _flat(OmegaConf.to_container(cfg, resolve=False))
+
+
+@pytest.mark.parametrize("name", list(RECIPE))
+def test_recipe_files_are_the_experiments_at_reproduce_size(name):
+    base, pinned = _train_cfg(name), _train_cfg(f"reproduce/{name}")
+    changed = {k for k in base.keys() | pinned.keys() if base.get(k) != pinned.get(k)}
+    # a key set to null drops the whole subtree under it (callbacks.val_attention.*)
+    beyond = {k for k in changed if not any(k == a or k.startswith(a + ".") for a in RECIPE[name])}
+    assert not beyond
+    assert {k: pinned[k] for k in RECIPE[name]} == RECIPE[name]
+    assert pinned["task_name"] == name  # run folders, exported weights and reports keep the name
+
+
 # ----------------------------------------------------------------------------------------------
 # planning and skipping
 
@@ -255,11 +331,16 @@ def test_fresh_plan_runs_everything_in_order(tmp_path, capsys):
     assert opts.published("frozen", 2) in by_name["train frozen seed 2"].outputs
     assert not any(o.startswith("model.init_from") for o in by_name["train e2e seed 2"].overrides)
     # one multirun per setting over its seeds, each seed in its own folder
-    cmd = _multirun_command(opts, [by_name[f"train frozen seed {s}"] for s in (1, 2, 3)])
-    assert cmd[1:5] == ["-m", "gridvqa.train", "-m", "experiment=frozen"]
+    cmd = multirun_command(opts, [by_name[f"train frozen seed {s}"] for s in (1, 2, 3)])
+    assert cmd[1:5] == ["-m", "gridvqa.train", "-m", "experiment=reproduce/frozen"]
     assert "seed=1,2,3" in cmd and "hydra.sweep.subdir=seed_${seed}" in cmd
-    assert f"hydra.sweep.dir={opts.runs_dir / 'frozen'}" in cmd
-    assert "trainer.max_epochs=2" in cmd and "ckpt_path=last" in cmd
+    assert f"hydra.sweep.dir={opts.runs_dir / 'frozen'}" in cmd and "ckpt_path=last" in cmd
+    assert by_name["pretrain pretrain_vg"].commands[0][3] == "experiment=reproduce/pretrain_vg"
+    assert by_name["bench"].commands[0][1:3] == ["-m", "gridvqa.benchmarks.extraction"]
+    # recipe=null: the experiment files as they are
+    plain = {st.name: st for st in plan(options(tmp_path, "recipe=null"))}
+    assert plain["train frozen seed 1"].overrides[0] == "experiment=frozen"
+    assert plain["train frozen seed 1"].signature != by_name["train frozen seed 1"].signature
     # a dry run says so and runs nothing
     assert reproduce([*where(tmp_path), "dry_run=true"]) == []
     out = capsys.readouterr().out
@@ -376,6 +457,52 @@ def test_a_failing_step_stops_with_one_line(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_jobs_run_training_side_by_side_in_dependency_order(tmp_path):
+    fake_data(tmp_path)
+    steps = plan(options(tmp_path, "jobs=3"))
+    blocks = [(together, [st.kind for st in block]) for together, block in _blocks(steps, 3)]
+    assert blocks == [
+        (False, ["data"]),
+        (True, ["pretrain"] * 2),
+        (False, ["extract"] * 4),
+        (True, ["train"] * 15),
+        (False, ["bench", "report", "readme"]),
+    ]
+    trains = _blocks(steps, 3)[3][1]
+    deps = _dependencies(trains)
+    # finetune starts from its seed's frozen model; every other run is independent
+    assert {name: d for name, d in deps.items() if d} == {
+        f"train finetune seed {s}": {f"train frozen seed {s}"} for s in (1, 2, 3)
+    }
+    # one job: everything in plan order, a setting's seeds in one multirun as before
+    assert [(together, len(block)) for together, block in _blocks(steps, 1)] == [(False, len(steps))]
+
+
+def test_a_failing_run_side_by_side_stops_with_one_line(tmp_path):
+    """Two real training commands at once, both refused by Hydra: nothing recorded, the log named."""
+    fake_data(tmp_path)
+    opts = options(
+        tmp_path, "jobs=2", "settings=[frozen_random]", "seeds=[1,2]", "pretrain=[]", "extract.kinds=[]",
+        "bench.enabled=false", "train_overrides=trainer.no_such_key=1",
+    )  # fmt: skip
+    steps = plan(opts)
+    with pytest.raises(StepFailed) as e:
+        execute(opts, steps)
+    message = str(e.value)
+    assert "\n" not in message and " exited with status 1 (its output: " in message
+    seed = 1 if message.startswith("train frozen_random seed 1: ") else 2
+    log = opts.run_dir("frozen_random", seed).with_name(f"seed_{seed}.log")
+    assert message.endswith(f"{log})") and "no_such_key" in log.read_text()
+    assert not (opts.results_dir / "steps.json").exists()
+
+
+def test_threads_per_job():
+    assert threads_per_job(2, {"OMP_NUM_THREADS": "8"}) == 4
+    assert threads_per_job(3, {"OMP_NUM_THREADS": "8"}) == 2
+    assert threads_per_job(4, {"OMP_NUM_THREADS": "2"}) == 1
+    assert threads_per_job(1, {"OMP_NUM_THREADS": "x"}) >= 1  # unreadable: the usable cores
+
+
 # ----------------------------------------------------------------------------------------------
 # findings
 
@@ -451,7 +578,7 @@ def test_reproduce_end_to_end(tiny_shapes, tmp_path, capfd, monkeypatch):
     data = tmp_path / "data"
     shutil.copytree(tiny_shapes, data)  # features are written next to the data: not into the shared fixture
     readme = tmp_path / "README.md"
-    shutil.copyfile(REPO_ROOT / "README.md", readme)
+    shutil.copyfile(REPO_ROOT / "docs" / "results.md", readme)
     args = [*where(tmp_path), *TINY]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the steps share two cores with other work
     ran = reproduce(args)
@@ -480,10 +607,10 @@ def test_reproduce_end_to_end(tiny_shapes, tmp_path, capfd, monkeypatch):
         for split in ("train", "val"):
             assert extraction_gap(data / "features" / f"{kind}_{split}.h5", data, split) is None
 
-    # the README copy: its block is results.md, the rest unchanged
-    text, original = readme.read_text(), (REPO_ROOT / "README.md").read_text()
+    # the copy of docs/results.md: its block is results.md, the rest unchanged
+    text, original = readme.read_text(), (REPO_ROOT / "docs" / "results.md").read_text()
     block = read_block(readme)
-    assert "#### The paper's findings in this run" in block and "](results/report.png)" in block
+    assert "\n### The paper's findings in this run" in block and "](results/report.png)" in block
     assert text.split(BEGIN)[0] == original.split(BEGIN)[0]
     assert text.split(END)[1] == original.split(END)[1]
 
@@ -492,3 +619,49 @@ def test_reproduce_end_to_end(tiny_shapes, tmp_path, capfd, monkeypatch):
     assert reproduce(args) == []
     out = capfd.readouterr().out
     assert out.count("skip: ") == len(everything) and "$ " not in out
+
+
+@pytest.mark.slow
+def test_jobs_two_runs_at_once_give_the_sequential_records(tiny_shapes, tmp_path, capfd, monkeypatch):
+    """Two seeds of frozen_random at once (jobs=2), then one after the other: the same figures."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_shapes, data)
+    common = [
+        kv("paths.data_root", data),
+        kv("paths.log_dir", tmp_path / "logs"),
+        "readme=null",
+        "pretrain=[]",
+        "extract.kinds=[]",
+        "bench.enabled=false",
+        "settings=[frozen_random]",
+        "seeds=[1,2]",
+        "train_overrides=debug=fdr data.batch_size=2 trainer.enable_progress_bar=false",
+        "vqa_overrides=data.image_size=[64,64] data.val_batch_size=2",
+    ]
+    # one thread each either way (jobs=2 divides OMP_NUM_THREADS): the same arithmetic, so equal figures
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    records = {}
+    for jobs in (2, 1):
+        where_ = [kv("results_dir", tmp_path / f"results_{jobs}"), kv("runs_dir", tmp_path / f"runs_{jobs}"),
+                  kv("paths.artifacts_dir", tmp_path / f"artifacts_{jobs}")]  # fmt: skip
+        ran = reproduce([*common, *where_, f"jobs={jobs}"])
+        assert ran == ["train frozen_random seed 1", "train frozen_random seed 2", "report"]
+        lines = capfd.readouterr().out.splitlines()
+        opts = options(tmp_path, *common, *where_)
+        records[jobs] = {
+            seed: json.loads((opts.run_dir("frozen_random", seed) / "metrics.json").read_text())
+            for seed in (1, 2)
+        }
+        if jobs == 2:
+            started = [i for i, line in enumerate(lines) if line.startswith("[reproduce] $ ")]
+            finished = [i for i, line in enumerate(lines) if line.startswith("[reproduce] done: train")]
+            assert len(started) == 2 and len(finished) == 2
+            assert max(started) < min(finished)  # the second started before the first had finished
+            for seed in (1, 2):
+                log = opts.run_dir("frozen_random", seed).with_name(f"seed_{seed}.log")
+                assert log.stat().st_size > 0
+    for seed in (1, 2):
+        par, seq = records[2][seed], records[1][seed]
+        assert par["seed"] == seq["seed"] == seed
+        assert par["metrics"] and par["metrics"] == seq["metrics"]
+        assert signature(par["overrides"]) == signature(seq["overrides"])

@@ -299,7 +299,7 @@ def test_bad_arguments_give_one_line_errors(tmp_path):
 
 
 def test_cli_runs_as_a_module(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(syn.__file__).parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(syn.__file__).parents[3])}  # src/
     out = tmp_path / "data"
     cmd = [sys.executable, "-m", "gridvqa.data.synthetic", str(out), "--train-images", "4",
            "--val-images", "3", "--test-images", "2", "--seed", "2"]

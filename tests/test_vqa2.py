@@ -4,7 +4,9 @@ import pytest
 
 from gridvqa.data import layout
 from gridvqa.data.prepare import main as prepare_main
-from gridvqa.data.vqa2 import AnswerVocab, load_entries, load_split, soft_score
+from gridvqa.data.prepare import prepare
+from gridvqa.data.text import load_tokenizer
+from gridvqa.data.vqa2 import AnswerVocab, load_entries, load_split, load_splits, soft_score, split_names
 from gridvqa.errors import DataError
 from vqa_files import write_split
 
@@ -88,3 +90,74 @@ def test_prepare_cli_builds_vocab_and_tokenizer(root, capsys):
     assert prepare_main([str(root)]) == 0
     assert "kept" in capsys.readouterr().out
     assert prepare_main([str(root / "nowhere")]) == 1
+
+
+# -- the VQA v2 recipe: answers from train + val, words from every question file ----------------
+
+
+def test_prepare_defaults_count_train_and_val_answers_and_every_question_file(root):
+    # "maybe" is seen once in train: 8 more in val make 9, the standard list's threshold (count > 8).
+    val = [(2000 + k, 60 + k, "Is it uncommon?", TEN(("maybe", 10)), "yes/no") for k in range(8)]
+    write_split(root, "val", val)
+    write_split(root, "test-dev", [(7, 8, "Which zebra?", [], "")])
+    layout.questions_path(root, "vg").write_text(json.dumps(
+        {"questions": [{"image_id": 60, "question": "Where is the giraffe?", "question_id": 9000}]}))
+    report = prepare(root)
+    assert AnswerVocab.load(layout.answers_path(root)).answers == ["2", "red", "maybe"]
+    assert "from train+val" in report["answers"]
+    assert "questions of train+val+test+test-dev+vg" in report["tokenizer"]
+    words = load_tokenizer(layout.tokenizer_dir(root)).get_vocab()
+    assert {"uncommon", "what", "zebra", "giraffe"} <= words.keys()  # val, test, test-dev, VG-QA words
+
+    prepare(root, answer_splits=["train"], force=True, question_splits=["train"])
+    assert AnswerVocab.load(layout.answers_path(root)).answers == ["2", "red"]
+    assert not {"uncommon", "zebra"} & load_tokenizer(layout.tokenizer_dir(root)).get_vocab().keys()
+
+
+def test_prepare_without_val_annotations_uses_train(root):
+    layout.annotations_path(root, "val").unlink()
+    report = prepare(root)
+    assert "from train)" in report["answers"]
+
+
+def test_split_lists(root):
+    assert split_names("train") == ("train",)
+    assert split_names("train+val") == split_names(["train", "val"]) == ("train", "val")
+    bad = ((["train", "train2014"], "twice"), (["train", "vall"], "unknown split 'vall'"), ([], "no split"))
+    for splits, why in bad:
+        with pytest.raises(DataError, match=why):
+            split_names(splits)
+    write_split(root, "val", [(5000 + k, 70 + k, "Again?", TEN(("yes", 10)), "yes/no") for k in range(3)])
+    both = load_splits(root, ["train", "val"])
+    assert len(both) == 25 + 3 and [e.split for e in both] == ["train"] * 25 + ["val"] * 3
+    write_split(root, "val", [(1, 0, "Again?", TEN(("yes", 10)), "yes/no")])  # qid 1 is a train question
+    with pytest.raises(DataError, match="question 1 is also in split 'train': the splits overlap"):
+        load_splits(root, ["train", "val"])
+
+
+def test_vg_qa_layout_finds_the_coco_folder(tmp_path):
+    assert layout.questions_path(tmp_path, "vg") == tmp_path / "vqa" / "VG_questions.json"
+    assert layout.annotations_path(tmp_path, "vg") == tmp_path / "vqa" / "VG_annotations.json"
+    val_image = tmp_path / "images" / "val2014" / "COCO_val2014_000000000042.jpg"
+    val_image.parent.mkdir(parents=True)
+    val_image.write_bytes(b"")
+    assert layout.coco_image_path(tmp_path, "vg", 42) == val_image
+    assert layout.coco_image_path(tmp_path, "vg", 7).parent.name == "train2014"
+    assert layout.coco_image_path(tmp_path, "test-dev", 7).parent.name == "test2015"
+
+
+# -- answers.json is checked, never coerced --------------------------------------------------------
+
+
+@pytest.mark.parametrize("answers, why", [
+    ([1, None, "no"], r"answer #0 is 1 \(int\); every answer must be a non-empty string"),
+    (["yes", None], r"answer #1 is None \(NoneType\)"),
+    (["yes", ""], "answer #1 is an empty string"),
+    (["yes", "no", "yes"], "answer #2 'yes' repeats answer #0; answers must be unique"),
+])
+def test_answers_json_refuses_non_strings_and_duplicates(tmp_path, answers, why):
+    p = tmp_path / "answers.json"
+    p.write_text(json.dumps({"answers": answers, "min_count": 9}))
+    with pytest.raises(DataError, match=why) as ei:
+        AnswerVocab.load(p)
+    assert str(ei.value).startswith(f"{p}: ") and "\n" not in str(ei.value)

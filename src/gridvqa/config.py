@@ -1,8 +1,8 @@
 """Where the Hydra configs live, so `python -m gridvqa.<entry>` finds `conf/` from any directory.
 
 Hydra resolves a relative `config_path` against the file that declares `@hydra.main`; we hand it an
-absolute path instead: `$GRIDVQA_CONF_DIR` when set, else the repository's `conf/` (the README's
-editable install keeps the package next to it).
+absolute path instead: `$GRIDVQA_CONF_DIR` when set, else the package's `conf/` (in a checkout a link to
+the repository's `conf/`, so edits there apply; in an installed wheel, the copy shipped with it).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def conf_dir() -> str:
     env = os.environ.get("GRIDVQA_CONF_DIR")
-    path = Path(env) if env else REPO_ROOT / "conf"
+    path = Path(env) if env else (Path(__file__).parent / "conf").resolve()
     if not (path / "train.yaml").is_file():
         raise FileNotFoundError(
             f"{path}: gridvqa's Hydra configs not found; install with `make install` (editable) "

@@ -1,41 +1,41 @@
 """Evaluation entry point: `python -m gridvqa.evaluate ckpt_path=PATH split=val [out=PATH]` (Hydra).
 
 Answers every question of the split, writes the results file and prints the official scorer's JSON;
-on test splits (no annotations) it writes the file EvalAI accepts and says where. Logic: gridvqa.inference.
+on test splits (no annotations) it writes the file EvalAI accepts and says where: `split=test` for the
+Test-Standard phase, `split=test-dev` for the Test-Dev phase (the model answers the test-dev questions and
+the file still lists every test2015 question, as that phase requires). Logic: gridvqa.inference.
 """
 
 from __future__ import annotations
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from gridvqa.config import conf_dir, register_resolvers
+from gridvqa.cli import entry_point
+from gridvqa.config_checks import check_evaluate
 
-register_resolvers()
 
-
-@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="evaluate")
+@entry_point("evaluate", check_evaluate)
 def main(cfg: DictConfig) -> float | None:
-    from gridvqa.errors import GridVQAError
+    from gridvqa.errors import DataError
     from gridvqa.inference import evaluate_split
 
-    try:
-        res = evaluate_split(
-            cfg.ckpt_path,
-            cfg.paths.data_root,
-            split=cfg.split,
-            out=cfg.get("out"),
-            output_dir=cfg.paths.output_dir,
-            features=cfg.get("features"),
-            batch_size=int(cfg.batch_size),
-            num_workers=int(cfg.num_workers),
-            device=cfg.get("device"),
-        )
-    except GridVQAError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    res = evaluate_split(
+        cfg.ckpt_path,
+        cfg.paths.data_root,
+        split=cfg.split,
+        out=cfg.get("out"),
+        output_dir=cfg.paths.output_dir,
+        features=cfg.get("features"),
+        batch_size=int(cfg.batch_size),
+        num_workers=int(cfg.num_workers),
+        device=cfg.get("device"),
+    )
+    if res.write_error is not None:  # the score was computed: print it before saying what failed
+        if res.scores is not None:
+            print(res.summary())
+        raise DataError(res.write_error)
     print(res.summary())
     if res.scores is not None:
         print(f"results: {res.results_path}", file=sys.stderr)

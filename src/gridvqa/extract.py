@@ -6,27 +6,17 @@ command continues an interrupted run; on a finished file it says there is nothin
 
 from __future__ import annotations
 
-import sys
-
-import hydra
 from omegaconf import DictConfig
 
-from gridvqa.config import conf_dir, register_resolvers
+from gridvqa.cli import entry_point
+from gridvqa.config_checks import check_extract
 
-register_resolvers()
 
-
-@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="extract")
+@entry_point("extract", check_extract)
 def main(cfg: DictConfig) -> None:
-    from gridvqa.errors import GridVQAError
     from gridvqa.extraction import run
 
-    try:
-        summary = run(cfg)
-    except GridVQAError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(summary.line())
+    print(run(cfg).line())
 
 
 if __name__ == "__main__":

@@ -37,7 +37,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from gridvqa.data import layout
 from gridvqa.data.features import FeatureWriter
-from gridvqa.data.images import ImageError, ImagePipeline, Resize, ResizeFixed, ResizeShortest, collate_images
+from gridvqa.data.images import (
+    ImageError,
+    ImagePipeline,
+    ImageSpec,
+    Resize,
+    ResizeFixed,
+    collate_images,
+    resize_text,
+    resolve_image_spec,
+)
 from gridvqa.data.jsonio import atomic_write_json, load_json
 from gridvqa.errors import ConfigError, DataError
 
@@ -191,9 +200,11 @@ class ExtractionDataset(Dataset):
         item = self.items[i]
         try:
             img = load_image(item.path)
+            x, _, info = self.pipeline(img)
         except ImageError as e:
             return {"index": i, "error": e.reason}
-        x, _, info = self.pipeline(img)
+        except Exception as e:  # noqa: BLE001 - one image that cannot be prepared is skipped and listed
+            return {"index": i, "error": f"cannot prepare the image ({type(e).__name__}: {e})"}
         return {"index": i, "image": x, "orig_size": info["orig_size"], "scale": info["scale"], "error": None}
 
 
@@ -217,25 +228,6 @@ def collate_extraction(batch: list[dict[str, Any]]) -> dict[str, Any]:
             }
         )
     return out
-
-
-def build_resize(image_size: Sequence[int] | None, short: Any = None, max_size: int | None = None) -> Resize:
-    """Fixed (h, w) when `image_size` is given, else shorter side `short`, longer side at most `max_size`."""
-    if image_size is not None:
-        if len(image_size) != 2:
-            raise ConfigError(f"image_size must be [height, width], got {list(image_size)}")
-        return ResizeFixed(int(image_size[0]), int(image_size[1]))
-    if short is None:
-        raise ConfigError("set either image_size=[H,W] or short=S (and max_size=M) for the resize rule")
-    if not isinstance(short, (int, float)):
-        raise ConfigError(f"extraction needs one short side, got {short!r}")  # no random choice at test time
-    return ResizeShortest(int(short), None if max_size is None else int(max_size))
-
-
-def resize_text(resize: Resize) -> str:
-    if isinstance(resize, ResizeFixed):
-        return f"fixed {resize.height}x{resize.width}"
-    return f"shortest {resize.short}, max {resize.max_size}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,27 +327,44 @@ class WeightsSource:
     config: dict[str, Any] = field(default_factory=dict)  # export config (kind, backbone, detector, ...)
 
 
-def resolve_weights(cfg: Mapping[str, Any], kind: str) -> WeightsSource:
-    """`weights`: null (the kind's exported pre-training), `random`, a folder from export_weights, or (grid)
-    a backbone .safetensors/.pth file. Missing weights: a ConfigError naming the command that makes them."""
+def weights_file(cfg: Mapping[str, Any], kind: str) -> Path | None:
+    """The file extraction loads its weights from (None: weights=random); see `resolve_weights`."""
     w = cfg.get("weights")
     if w == "random":
-        return WeightsSource(None, f"random(seed={int(cfg.get('seed', 0))})")
+        return None
     p = Path(str(w if w is not None else cfg.get(f"{kind}_weights")))
+    name = "backbone.safetensors" if kind == "grid" else "detector.safetensors"
+    f = p / name if p.is_dir() else p
+    if not f.is_file():
+        raise ConfigError(f"{f}: {kind} extraction weights not found; {_make_hint(p, kind)}")
+    if kind == "region" and not p.is_dir():
+        raise ConfigError(
+            f"{p}: region extraction needs a folder from detector pre-training "
+            f"(detector.safetensors + config.json); {_make_hint(p, kind)}"
+        )
+    return f
+
+
+def _make_hint(p: Path, kind: str) -> str:
     make = TRAIN_COMMAND[kind]
     from gridvqa.config import conf_dir
 
     with contextlib.suppress(FileNotFoundError):
         if (Path(conf_dir()) / "experiment" / f"{p.name}.yaml").is_file():
             make = p.name
-    hint = f"make them with `python -m gridvqa.train experiment={make}` (or pass weights=PATH | random)"
-    if not p.exists():
-        raise ConfigError(f"{p}: {kind} extraction weights not found; {hint}")
-    file_name = "backbone.safetensors" if kind == "grid" else "detector.safetensors"
+    return f"make them with `python -m gridvqa.train experiment={make}` (or pass weights=PATH | random)"
+
+
+def resolve_weights(cfg: Mapping[str, Any], kind: str) -> WeightsSource:
+    """`weights`: null (the kind's exported pre-training), `random`, a folder from export_weights, or (grid)
+    a backbone .safetensors/.pth file. Missing weights: a ConfigError naming the command that makes them."""
+    w = cfg.get("weights")
+    if w == "random":
+        return WeightsSource(None, f"random(seed={int(cfg.get('seed', 0))})")
+    f = weights_file(cfg, kind)
+    assert f is not None
+    p = Path(str(w if w is not None else cfg.get(f"{kind}_weights")))
     if p.is_dir():
-        f = p / file_name
-        if not f.is_file():
-            raise ConfigError(f"{f}: {kind} extraction weights not found; {hint}")
         conf_json = p / "config.json"
         config = load_json(conf_json, "exported detector config") if conf_json.is_file() else None
         if config is None:
@@ -363,11 +372,6 @@ def resolve_weights(cfg: Mapping[str, Any], kind: str) -> WeightsSource:
         if not isinstance(config, dict) or "backbone" not in config:
             raise ConfigError(f"{conf_json}: exported config (backbone settings) not found beside {f}")
         return WeightsSource(f, file_sha256(f), config)
-    if kind == "region":
-        raise ConfigError(
-            f"{p}: region extraction needs a folder from detector pre-training "
-            f"(detector.safetensors + config.json); {hint}"
-        )
     config = _safetensors_config(p) if p.suffix == ".safetensors" else None
     return WeightsSource(p, file_sha256(p), config or {})
 
@@ -464,11 +468,12 @@ def build_extractor(cfg: Mapping[str, Any]) -> tuple[GridExtractor | RegionExtra
 def provenance(cfg: Mapping[str, Any], model: GridExtractor | RegionExtractor, src: WeightsSource) -> dict:
     """The settings that change the stored numbers (the writer refuses to mix files that differ in them)."""
     bb = model.backbone
-    norm = build_pipeline(cfg).normalization
+    pipeline = build_pipeline(cfg, src.path)
+    norm = pipeline.normalization
     prov: dict[str, Any] = {
         "backbone": bb.arch,
         "checkpoint": src.checkpoint,
-        "resize": resize_text(build_resize(cfg.get("image_size"), cfg.get("short"), cfg.get("max_size"))),
+        "resize": resize_text(pipeline.resize),
         "pixel_norm": norm.kind,
         "pixel_mean": list(norm.mean),
         "pixel_std": list(norm.std),
@@ -765,13 +770,19 @@ def source_items(cfg: Mapping[str, Any]) -> list[ImageItem]:
     return split_images(str(cfg["paths"]["data_root"]), str(cfg["split"]))
 
 
-def build_pipeline(cfg: Mapping[str, Any]) -> ImagePipeline:
-    resize = build_resize(_plain(cfg.get("image_size")), _plain(cfg.get("short")), cfg.get("max_size"))
-    mean, std = _plain(cfg.get("pixel_mean")), _plain(cfg.get("pixel_std"))
-    try:
-        return ImagePipeline(resize, norm=str(cfg.get("norm", "detectron2")), mean=mean, std=std)
-    except ValueError as e:
-        raise ConfigError(f"extraction pixel normalisation: {e}") from None
+_FROM_CFG = Path("/")  # sentinel: find the weights file from cfg
+
+
+def build_pipeline(cfg: Mapping[str, Any], weights: Path | None = _FROM_CFG) -> ImagePipeline:
+    """The extraction image pipeline: cfg's resize rule, and the pixel normalisation recorded in the weights
+    the images feed (`weights`, by default the file `cfg` names; None: random weights, nothing recorded)."""
+    spec = ImageSpec.from_mapping({k: _plain(cfg.get(k)) for k in ("image_size", "short", "max_size", "norm",
+                                                                    "pixel_mean", "pixel_std")})
+    if isinstance(spec.short, tuple):  # no random choice at test time
+        raise ConfigError(f"short={list(spec.short)}: extraction needs one shorter side")
+    if weights is _FROM_CFG:
+        weights = weights_file(cfg, str(cfg["kind"])) if cfg.get("kind") in KINDS else None
+    return ImagePipeline.from_spec(resolve_image_spec(spec, weights))
 
 
 @contextlib.contextmanager

@@ -4,9 +4,9 @@ The logic behind `python -m gridvqa.evaluate` and `python -m gridvqa.predict`. A
 self-contained (answers, tokenizer and image settings are VQAModule hyper-parameters), so loading needs
 neither the data folder nor the training config.
 
-Checkpoints are read with `torch.load(weights_only=True)`. VQAModule now saves plain containers, but
-checkpoints made before that hold Hydra's omegaconf containers: only those container classes (plain data
-holders) are added to the weights-only allow-list, and they become plain dicts/lists right after loading.
+Checkpoints are read with `torch.load(weights_only=True)`. VQAModule saves plain containers; a checkpoint
+whose hyper-parameters hold Hydra's omegaconf containers is read too: only those container classes (plain
+data holders) are added to the weights-only allow-list, and they become plain dicts/lists right after loading.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from gridvqa.errors import ConfigError, DataError
 if TYPE_CHECKING:
     from PIL import Image
 
+    from gridvqa.data.images import ImagePipeline
     from gridvqa.lit.vqa_module import VQAModule
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu") 
     """Rebuild the VQAModule of a checkpoint from the checkpoint alone, in eval mode."""
     p = Path(ckpt_path)
     ckpt = load_checkpoint(p)  # first: a missing file is reported before Lightning is imported
-    from gridvqa.lit.vqa_module import VQAModule
+    from gridvqa.lit.vqa_module import VQAModule, head_hparams_from_checkpoint
 
     hp = dict(ckpt.get("hyper_parameters") or {})
     if not hp.get("answers") or not hp.get("tokenizer_json"):
@@ -100,12 +101,12 @@ def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu") 
     # The state dict holds every weight: files named at training time (backbone, GloVe) are not needed.
     if kwargs.get("backbone"):
         kwargs["backbone"] = {**kwargs["backbone"], "weights": None}
-    if kwargs.get("head") and "glove_path" in kwargs["head"]:
-        kwargs["head"] = {**kwargs["head"], "glove_path": None}
+    kwargs["head"] = {**head_hparams_from_checkpoint(kwargs.get("head")), "glove_path": None}
     dm = ckpt.get("datamodule_hyper_parameters") or {}
     if kwargs.get("image") is None and dm:
         kwargs["image"] = {"size": dm.get("image_size"), "short": dm.get("short"),
-                           "max_size": dm.get("max_size"), "norm": dm.get("norm", "detectron2")}
+                           "max_size": dm.get("max_size"), "norm": dm.get("norm"),
+                           "mean": dm.get("pixel_mean"), "std": dm.get("pixel_std")}
     try:
         module = VQAModule(**kwargs)
     except ConfigError as e:
@@ -160,15 +161,15 @@ class _EvalMode:
         self.module.train(self.was_training)
 
 
-def image_pipeline(module: VQAModule):
-    """The evaluation image pipeline the checkpoint was trained with (no flips)."""
-    from gridvqa.data.vqa_data import build_pipeline
+def image_pipeline(module: VQAModule) -> ImagePipeline:
+    """The evaluation image pipeline the checkpoint was trained with (no flips): its resize rule and the
+    pixel normalisation of its backbone weights, stored in the checkpoint."""
+    from gridvqa.data.images import build_image_pipeline
 
     img = module.hparams.get("image")
     if not img:
         raise ConfigError("the model has no image settings (hyper-parameter `image`); cannot prepare pixels")
-    norm = img.get("norm") or "detectron2"
-    return build_pipeline(img.get("size"), img.get("short"), img.get("max_size"), norm)
+    return build_image_pipeline({**img, "hflip": 0.0}, prefix="model.image.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -308,6 +309,45 @@ def answer_split(
             for e in entries], len(blind)
 
 
+# EvalAI's VQA v2 "Test-Dev" phase takes a results file of the full test set's form: an answer for every
+# test2015 question, of which it scores the test-dev ones. The VQA Challenge guidelines
+# (visualqa.org/challenge.html) call the Test-Dev submission procedure "identical to the full test set
+# submission procedure"; mcan-vqa (README, "Online Evaluation") uploads one test2015 results file to both
+# phases; a file lacking ids is refused with "Results do not correspond to current VQA set" (the VQA API's
+# loadRes check, seen on EvalAI in MILVLG/mcan-vqa issue #28). Entry form, visualqa.org/evaluation.html:
+# [{"question_id": int, "answer": str}].
+TEST_DEV, TEST_STD = "test-dev2015", "test2015"
+
+
+def _test_set_questions(data_root: str | Path) -> Path:
+    qpath = layout.questions_path(data_root, TEST_STD)
+    if not qpath.is_file():
+        raise DataError(
+            f"{qpath}: not found; EvalAI's Test-Dev phase takes an answer for every {TEST_STD} question "
+            "(it scores the test-dev ones): put the test2015 questions file there"
+        )
+    return qpath
+
+
+def cover_test_set(
+    results: Sequence[dict[str, Any]], data_root: str | Path, filler: str
+) -> tuple[list[dict[str, Any]], int]:
+    """Test-dev answers extended to every test2015 question, in the test2015 file's order, as EvalAI's
+    Test-Dev phase requires; the questions outside test-dev (not scored there) get `filler`. Returns the
+    results and how many were filled."""
+    from gridvqa.data.vqa2 import read_questions
+
+    qpath = _test_set_questions(data_root)
+    answers = {int(r["question_id"]): r["answer"] for r in results}
+    test_ids = [int(q["question_id"]) for q in read_questions(qpath)]
+    stray = answers.keys() - set(test_ids)
+    if stray:
+        raise DataError(f"{qpath}: {len(stray)} test-dev question(s) are not test2015 questions (e.g. "
+                        f"{sorted(stray)[:3]}): the two files do not belong together")
+    covered = [{"question_id": q, "answer": answers.get(q, filler)} for q in test_ids]
+    return covered, len(test_ids) - len(answers)
+
+
 @dataclass
 class SplitEvaluation:
     split: str  # official name, e.g. val2014
@@ -316,10 +356,18 @@ class SplitEvaluation:
     answered_blind: int
     scores: dict[str, Any] | None  # the official scorer's output; None without annotations (test splits)
     annotations_path: Path
+    filled: int = 0  # test-dev: test2015 questions outside test-dev, answered `filler` (not scored there)
+    filler: str | None = None
+    write_error: str | None = None  # why the results file could not be written (the scores still count)
 
     def summary(self) -> str:
         if self.scores is not None:
             return json.dumps(self.scores)
+        if self.split == TEST_DEV:
+            return (f"wrote {self.num_questions} answers to {self.results_path}: every {TEST_STD} question, "
+                    f"as EvalAI's Test-Dev phase takes them; the model answered the "
+                    f"{self.num_questions - self.filled} of {TEST_DEV}, the other {self.filled} got "
+                    f"{self.filler!r} (not scored in that phase; for Test-Standard use split=test)")
         return (f"wrote {self.num_questions} answers (every question of {self.split}) to "
                 f"{self.results_path}; not scored: no annotations at {self.annotations_path} "
                 "(submit the file to EvalAI)")
@@ -338,20 +386,32 @@ def evaluate_split(
 ) -> SplitEvaluation:
     """Answer every question of `split`, write the results file (`out`, else the official name under
     `output_dir`, else the working directory) and score it with the official scorer when the split has
-    annotations."""
+    annotations. For test-dev the file covers every test2015 question (see `cover_test_set`)."""
+    from gridvqa.config_checks import check_writable
     from gridvqa.metrics import vqa_eval
 
     official = check_split(split)
     _check_root(data_root)  # the cheap checks before the slow model load
+    path = Path(out) if out else Path(output_dir or ".") / RESULTS_NAME.format(split=official)
+    check_writable(path, "out")
+    if official == TEST_DEV:
+        _test_set_questions(data_root)
     module = _as_module(ckpt_or_module)
     if device is not None:
         module = module.to(resolve_device(device))
     results, blind = answer_split(module, data_root, split, features, batch_size, num_workers)
-    path = Path(out) if out else Path(output_dir or ".") / RESULTS_NAME.format(split=official)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    vqa_eval.write_results(path, results)
+    filled = 0
+    if official == TEST_DEV:
+        results, filled = cover_test_set(results, data_root, module.answers[0])
     ann = layout.annotations_path(data_root, split)
     scores = None
-    if ann.is_file():
-        scores = vqa_eval.evaluate(layout.questions_path(data_root, split), ann, path)
-    return SplitEvaluation(official, path, len(results), blind, scores, ann)
+    if ann.is_file():  # scored from the answers in memory: a failed write does not lose the score
+        scores = vqa_eval.evaluate(layout.questions_path(data_root, split), ann, results)
+    write_error = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        vqa_eval.write_results(path, results)
+    except OSError as e:
+        write_error = f"{path}: results file not written ({e.strerror or e})"
+    return SplitEvaluation(official, path, len(results), blind, scores, ann, filled, module.answers[0],
+                           write_error)

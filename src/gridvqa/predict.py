@@ -7,31 +7,21 @@ Logic: gridvqa.inference.predict.
 
 from __future__ import annotations
 
-import sys
-
-import hydra
 from omegaconf import DictConfig
 
-from gridvqa.config import conf_dir, register_resolvers
+from gridvqa.cli import entry_point
+from gridvqa.config_checks import check_predict
 
-register_resolvers()
 
-
-@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="predict")
+@entry_point("predict", check_predict)
 def main(cfg: DictConfig) -> None:
-    from gridvqa.errors import ConfigError, GridVQAError
+    from gridvqa.errors import ConfigError
     from gridvqa.inference import predict
 
-    try:
-        if cfg.get("image") is None:
-            raise ConfigError("no image given: add image=PATH")
-        question = "" if cfg.get("question") is None else str(cfg.question)
-        answers = predict(
-            cfg.ckpt_path, str(cfg.image), question, topk=int(cfg.topk), device=cfg.get("device")
-        )
-    except GridVQAError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    if cfg.get("image") is None:
+        raise ConfigError("no image given: add image=PATH")
+    question = "" if cfg.get("question") is None else str(cfg.question)
+    answers = predict(cfg.ckpt_path, str(cfg.image), question, topk=int(cfg.topk), device=cfg.get("device"))
     for answer, prob in answers:
         print(f"{prob:.4f}  {answer}")
 

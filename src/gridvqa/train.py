@@ -5,29 +5,17 @@ Thin by design: everything is instantiated from `_target_` configs in `gridvqa.t
 
 from __future__ import annotations
 
-import sys
-
-import hydra
 from omegaconf import DictConfig
 
-from gridvqa.config import conf_dir, register_resolvers
+from gridvqa.cli import entry_point
+from gridvqa.config_checks import check_train
 
-register_resolvers()
 
-
-@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
+@entry_point("train", check_train)
 def main(cfg: DictConfig) -> float | None:
-    from gridvqa.errors import find_user_error
     from gridvqa.training import run
 
-    try:
-        return run(cfg)
-    except Exception as e:  # one line for the errors our code explains; a traceback for the rest
-        user = find_user_error(e)
-        if user is None:
-            raise
-        print(f"error: {user}", file=sys.stderr)
-        sys.exit(1)
+    return run(cfg)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Check a VQA v2-format data set before training: every problem found, each bad file named.
+"""Check a VQA v2-format data set (and its Visual Genome folder) before training: every problem found,
+each bad file named.
 
     python -m gridvqa.data.check DATA_ROOT [--splits train val test]
     python -m gridvqa.data.check --questions Q.json [--annotations A.json] --images DIR [--answers A.json]
@@ -8,6 +9,11 @@ empty / truncated / undecodable images (fully decoded, as training would), quest
 annotation and annotations without a question, duplicate ids, a vocabulary most questions cannot hit.
 Not problems, only counted: images no question refers to (they are not read), unusual but valid images
 (grey, CMYK, RGBA, 16-bit, EXIF-rotated, extreme aspect ratios). Exit status 0 when clean.
+
+DATA_ROOT/vg/, when there, is checked too: image_data / attributes / objects json and the vocabulary
+files readable, every image of image_data.json present where its url says (VG_100K or VG_100K_2) and
+decodable, every box four finite numbers that reach into its image. Boxes that only partly leave the
+image, are empty, or name no vocabulary class are counted: training clips, drops and counts them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 from gridvqa.data import layout
 from gridvqa.data.images import ImageError, load_image
 from gridvqa.data.jsonio import load_json
+from gridvqa.data.vg import box_from_object, clean_object_name, image_folder, read_vocab
 from gridvqa.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -36,8 +43,10 @@ COCO_NAME = re.compile(r"^COCO_(?P<split>[A-Za-z0-9-]+)_(?P<id>\d+)\.(?P<ext>jpe
 # Kinds about one record inside a json file: capped when printed, a broken file would print 400k lines.
 RECORD_KINDS = frozenset({
     "bad_record", "duplicate_question_id", "duplicate_annotation", "question_without_annotation",
-    "annotation_without_question", "image_id_mismatch",
+    "annotation_without_question", "image_id_mismatch", "bad_box", "box_outside_image",
+    "image_not_in_image_data",
 })
+VG_ANNOTATIONS = (("attributes.json", "attributes"), ("objects.json", "objects"))
 
 
 @dataclass
@@ -91,6 +100,15 @@ class Report:
             f"images without questions (not read): {c['images_without_questions']}",
         ]
         head = "summary: " + ", ".join(parts)
+        if c["vg_images"] or c["vg_boxes"]:
+            head += "\nVisual Genome: " + ", ".join([
+                f"images: {c['vg_images']}",
+                f"images read ok: {c['vg_images_ok']}",
+                f"boxes: {c['vg_boxes']}",
+                f"partly outside the image (clipped): {c['vg_boxes_clipped']}",
+                f"empty (dropped): {c['vg_boxes_empty']}",
+                f"name outside the vocabulary (dropped): {c['vg_boxes_outside_vocab']}",
+            ])
         if self.ok:
             return head + "\nOK: no problems found"
         kinds = ", ".join(f"{k}: {n}" for k, n in sorted(self.by_kind().items()))
@@ -170,7 +188,8 @@ def _read_one(path: Path) -> ImageError | None:
     return None
 
 
-def _read_images(paths: Iterable[Path], report: Report, workers: int | None, cache: dict[Path, Any]) -> None:
+def _read_images(paths: Iterable[Path], report: Report, workers: int | None, cache: dict[Path, Any],
+                 counter: str = "images_ok") -> None:
     """Fully decode each file once (threads: PIL releases the GIL while decoding)."""
     todo = sorted({p for p in paths if p not in cache})
     if todo:
@@ -182,7 +201,7 @@ def _read_images(paths: Iterable[Path], report: Report, workers: int | None, cac
     for p in sorted(set(paths)):
         err = cache[p]
         if err is None:
-            report.counts["images_ok"] += 1
+            report.counts[counter] += 1
         else:
             report.add(p, f"{err.kind}_image", str(err))
 
@@ -315,6 +334,123 @@ def _check_images(images: Path, split: str | None, exts: Sequence[str], q_by_id:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Visual Genome
+
+
+def check_vg(
+    vg_dir: Path, report: Report, *, workers: int | None = None, cache: dict[Path, Any] | None = None
+) -> None:
+    """Check a Visual Genome folder in the layout of gridvqa.data.layout, adding to `report`."""
+    cache = {} if cache is None else cache
+    vocab: set[str] | None = None
+    for name in ("objects_vocab.txt", "attributes_vocab.txt"):
+        path = vg_dir / name
+        try:
+            _, lookup = read_vocab(path)
+        except (DataError, UnicodeDecodeError) as e:
+            kind = "missing_file" if not path.is_file() else "malformed_vocab"
+            report.add(path, kind, str(e) if isinstance(e, DataError) else f"{path}: not UTF-8 text")
+            continue
+        if name == "objects_vocab.txt":
+            vocab = set(lookup)
+    sizes = _vg_images(vg_dir / "image_data.json", report)
+    annotated = 0
+    for name, key in VG_ANNOTATIONS:
+        path = vg_dir / name
+        if not path.is_file() and name == "objects.json":
+            report.notes.append(f"{path}: not there (only needed with attributes off)")
+            continue
+        # Both files hold the same boxes: count them once, from the first file read.
+        annotated += _vg_boxes(path, key, sizes, vocab, report, count=annotated == 0)
+    if sizes is None:
+        return
+    report.counts["vg_images"] += len(sizes)
+    found, elsewhere = [], 0
+    for iid, (_, _, folder) in sorted(sizes.items()):
+        name = f"{iid}.jpg"
+        where = [folder] if folder else list(layout.VG_IMAGE_DIRS)
+        path = next((vg_dir / d / name for d in where if (vg_dir / d / name).is_file()), None)
+        if path is None and folder:
+            other = [vg_dir / d / name for d in layout.VG_IMAGE_DIRS if d != folder]
+            path = next((p for p in other if p.is_file()), None)
+            elsewhere += path is not None
+        if path is None:
+            expected = vg_dir / (folder or layout.VG_IMAGE_DIRS[0]) / name
+            report.add(expected, "missing_image", f"{expected}: Visual Genome image {iid} has no file")
+        else:
+            found.append(path)
+    if elsewhere:
+        report.notes.append(f"{vg_dir}: {elsewhere} image(s) are not in the folder their url names "
+                            "(found in the other one, which training also reads)")
+    _read_images(found, report, workers, cache, counter="vg_images_ok")
+
+
+def _vg_images(path: Path, report: Report) -> dict[int, tuple[int, int, str | None]] | None:
+    """{image_id: (width, height, url folder)} of image_data.json; bad records reported."""
+    data = _load(path, "Visual Genome image_data.json", report)
+    if data is None:
+        return None
+    if not isinstance(data, list):
+        report.add(path, "malformed_json", f"{path}: expected a json list of images")
+        return None
+    sizes: dict[int, tuple[int, int, str | None]] = {}
+    for i, m in enumerate(data):
+        iid = m.get("image_id", m.get("id")) if isinstance(m, dict) else None
+        w, h = (m.get("width"), m.get("height")) if isinstance(m, dict) else (None, None)
+        if not (_is_int(iid) and _is_int(w) and _is_int(h) and int(w) > 0 and int(h) > 0):
+            report.add(path, "bad_record", f"{path}: image #{i} lacks an integer image_id or a positive "
+                       "integer width and height")
+            continue
+        sizes[int(iid)] = (int(w), int(h), image_folder(m.get("url")))
+    return sizes
+
+
+def _vg_boxes(path: Path, key: str, sizes: dict[int, tuple[int, int, str | None]] | None,
+              vocab: set[str] | None, report: Report, count: bool) -> int:
+    """Check the boxes of attributes.json / objects.json; returns how many images it annotates."""
+    data = _load(path, f"Visual Genome {path.name}", report)
+    if data is None:
+        return 0
+    if not isinstance(data, list):
+        report.add(path, "malformed_json", f"{path}: expected a json list of images")
+        return 0
+    c = report.counts if count else Counter()
+    for i, entry in enumerate(data):
+        iid = entry.get("image_id", entry.get("id")) if isinstance(entry, dict) else None
+        objs = entry.get(key) if isinstance(entry, dict) else None
+        if not _is_int(iid) or not isinstance(objs, list):
+            report.add(path, "bad_record", f"{path}: image #{i} lacks an integer image_id or a {key!r} list")
+            continue
+        iid = int(iid)
+        size = sizes.get(iid) if sizes is not None else None
+        if sizes is not None and size is None:
+            report.add(path, "image_not_in_image_data", f"{path}: image {iid} is not in image_data.json")
+        for k, o in enumerate(objs):
+            oid = o.get("object_id", f"#{k}") if isinstance(o, dict) else f"#{k}"
+            box = box_from_object(o) if isinstance(o, dict) else None
+            if box is None:
+                values = [o.get(f) for f in ("x", "y", "w", "h")] if isinstance(o, dict) else o
+                report.add(path, "bad_box", f"{path}: image {iid} object {oid}: box (x, y, w, h) = {values} "
+                           "is not four finite numbers (training drops it)")
+                continue
+            c["vg_boxes"] += 1
+            names = o.get("names") or ([o["name"]] if "name" in o else [])
+            if vocab is not None and (not names or clean_object_name(str(names[0]))[0] not in vocab):
+                c["vg_boxes_outside_vocab"] += 1
+            x, y, w, h = box
+            if w <= 0 or h <= 0:
+                c["vg_boxes_empty"] += 1
+            elif size is not None:
+                width, height = size[0], size[1]
+                if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+                    report.add(path, "box_outside_image", f"{path}: image {iid} object {oid}: box "
+                               f"(x, y, w, h) = {list(box)} lies outside the {width}x{height} image")
+                elif x < 0 or y < 0 or x + w > width or y + h > height:
+                    c["vg_boxes_clipped"] += 1
+    return len(data)
+
+
+# ---------------------------------------------------------------------------------------------------
 # entry points
 
 
@@ -362,6 +498,11 @@ def check(
         check_split(layout.questions_path(root, s), apath if apath.is_file() else None,
                     layout.images_dir(root, s), report, split=layout.image_folder_split(s), vocab=vocab,
                     exts=(".jpg",), workers=workers, max_oov=max_oov, cache=cache)
+    vg = layout.vg_dir(root)
+    if vg.is_dir():
+        check_vg(vg, report, workers=workers, cache=cache)
+    else:
+        report.notes.append(f"{vg}: no Visual Genome folder; detector pre-training data not checked")
     return report
 
 

@@ -35,8 +35,9 @@ Per-row datasets (R rows in all: grid cells or boxes):
 Two physical forms with the same names and meaning; h5py hides the difference:
   finished (consolidated) -- every dataset is an ordinary contiguous dataset in this one file;
   in progress / interrupted -- the per-row datasets are HDF5 *virtual* datasets whose pieces are
-  immutable files ``<file>.parts/part-NNNNNN.h5`` beside the file (relative paths: move the folder with
-  the file); datasets ``part_files`` (str [P]) and ``part_rows`` (int64 [P]) list them in row order.
+  immutable files ``<file>.parts/part-NNNNNN-<random>.h5`` beside the file (relative paths: move the folder
+  with the file; a name is never reused, so a reader holding an older index cannot read another part);
+  datasets ``part_files`` (str [P]) and ``part_rows`` (int64 [P]) list them in row order.
 
 Reading one image with plain h5py:
   with h5py.File(path, "r") as f:
@@ -51,21 +52,35 @@ Crash safety (why not SWMR): an HDF5 file is never modified in place. Buffered i
 part file (temp name, fsync, rename), then a small index file naming all parts replaces ``<file>``
 atomically. A process killed at any moment (SIGKILL) leaves either the previous or the next index, both
 complete: finished images are intact and half-written ones are invisible. A writer opened on the same
-path resumes (``done_ids``) and removes leftovers (``.<file>.*.tmp``, unreferenced parts); while it runs
-it holds a lock on ``<file>.parts/writer.lock``. ``close()`` consolidates parts into one plain file (temp +
-rename again), then deletes them: a plain-h5py reader that opened the file before must open it again
-(our readers do that by themselves). HDF5's own SWMR mode was tried and rejected: after a SIGKILL the
-file cannot be reopened for writing (its status flags need the h5clear tool) and plain ``"r"`` opens fail.
+path resumes (``done_ids``) and removes leftovers (``.<file>.*.tmp``, unreferenced parts). ``close()``
+consolidates parts into one plain file (temp + rename again), then deletes them: a plain-h5py reader that
+opened the file before must open it again (our readers do that by themselves). HDF5's own SWMR mode was
+tried and rejected: after a SIGKILL the file cannot be reopened for writing (its status flags need the
+h5clear tool) and plain ``"r"`` opens fail.
+
+Damaged parts (a disk error, a partial copy): readers and writers open every part file when they open
+the feature file. A reader refuses the file with one line naming the part; a writer logs a warning naming
+it and drops its images from the index, so a resumed extraction extracts them again.
+
+One writer at a time: a writer holds an exclusive ``flock`` on ``<file>.parts/writer.lock`` from its
+constructor to ``close()``; a second writer fails at once with one line naming the file and the holder's
+pid (or waits, with ``lock_timeout``). Two extractions of one file would only compute the same images twice,
+so failing is what a user wants by default. The last writer removes the lock file and the folder while
+still holding the lock; a writer that wins the lock therefore checks that its lock file is still the one
+at that path (same inode) and starts over otherwise, so a lock on a removed file never counts. POSIX
+only (fcntl): elsewhere a writer refuses to start.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import logging
 import operator
 import os
 import secrets
 import shutil
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -76,12 +91,14 @@ import h5py
 import numpy as np
 
 from gridvqa import __version__
-from gridvqa.errors import DataError
+from gridvqa.errors import DataError, GridVQAError
 
-try:  # advisory lock against two writers on one file; absent on Windows
+try:  # the writer lock; absent on Windows
     import fcntl
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 
 FORMAT = "gridvqa-features"
 FORMAT_VERSION = 1
@@ -96,6 +113,8 @@ _ROW_FIELDS = {
 _OPTIONAL = ("attr_labels", "attr_scores")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _COPY_BLOCK_BYTES = 64 << 20
+_LOCK_NAME = "writer.lock"
+_LOCK_POLL_S = 0.02
 
 
 @dataclass
@@ -112,6 +131,8 @@ class _Index:
     fields: dict[str, tuple[np.dtype, tuple[int, ...]]] | None = None  # None until the first image
     parts: list[tuple[str, int]] = field(default_factory=list)  # (file name in <file>.parts, rows)
     total_rows: int = 0
+    damaged: dict[str, str] = field(default_factory=dict)  # part name -> why it cannot be read
+    identity: tuple[int, ...] | None = None  # _identity() of the file this index was read from
 
     @property
     def dtype(self) -> str:
@@ -142,30 +163,86 @@ def _replace(tmp: Path, dst: Path) -> None:
     _fsync(dst.parent)
 
 
-def _load_index(path: Path) -> _Index:
-    """Read and check a feature file's attributes and per-image datasets (not the per-row data)."""
-    for _ in range(3):
-        inode = path.stat().st_ino if path.is_file() else None
-        try:
-            return _load_index_once(path)
-        except _MissingPart as e:
-            # A writer consolidating right now removes parts just after replacing the file: read it again.
-            if not path.is_file() or path.stat().st_ino == inode:
-                raise DataError(str(e)) from None
+class _Unreadable(DataError):
+    """The file is ours or meant to be, but cannot be read (truncated, damaged): starting afresh fixes it."""
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _identity(path: Path) -> tuple[int, ...] | None:
+    """Tells a replaced file from the one read before (an inode number alone may be reused at once)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _load_index(path: Path, *, keep_damaged: bool = False) -> _Index:
+    """Read and check a feature file's attributes and per-image datasets, and open each part file.
+
+    A missing or damaged part raises DataError naming it, unless `keep_damaged` (the writer, which holds
+    the lock and drops those images): then `_Index.damaged` lists them.
+    """
+    for _ in range(5):
+        index = _load_index_once(path)
+        if index.identity is None:  # replaced while being opened
+            continue
+        if not index.damaged or keep_damaged:
+            return index
+        # A writer consolidating right now removes parts just after replacing the file: read it again.
+        if _identity(path) != index.identity:
+            continue
+        name, why = next(iter(index.damaged.items()))
+        part = _parts_dir(path) / name
+        if why == "missing":
+            raise DataError(f"{path}: part file {part} is missing (move it with the file)")
+        raise DataError(
+            f"{path}: part file {part} is damaged ({why}); run the extraction again to redo its images"
+        )
     raise DataError(f"{path}: the file keeps changing while being opened")
 
 
-class _MissingPart(Exception):
-    pass
+def _part_problem(
+    part: Path, rows: int, fields: Mapping[str, tuple[np.dtype, tuple[int, ...]]]
+) -> str | None:
+    """Why a part file cannot serve its `rows` rows of `fields` (None when it can)."""
+    if not part.is_file():
+        return "missing"
+    try:
+        with h5py.File(part, "r") as f:
+            for key, (dt, trailing) in fields.items():
+                if key not in f:
+                    return f"no {key} dataset"
+                ds = f[key]
+                if ds.shape != (rows, *trailing) or ds.dtype != dt:
+                    return f"{key} is {ds.dtype} {ds.shape}, the index says {dt} {(rows, *trailing)}"
+                if rows:
+                    ds[rows - 1]  # the last row is really there
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        return f"not a readable HDF5 file: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return None
 
 
 def _load_index_once(path: Path) -> _Index:
     if not path.is_file():
         raise DataError(f"{path}: feature file not found")
+    before = _identity(path)
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise DataError(f"{path}: not a readable HDF5 file ({str(e).splitlines()[0]})") from None
+        if _identity(path) != before:  # replaced while being opened
+            return _Index(kind="grid", provenance={}, feature_dim=0)
+        raise _Unreadable(f"{path}: not a readable HDF5 file ({str(e).splitlines()[0]})") from None
+    identity = before if _identity(path) == before else None
     with f:
         if f.attrs.get("format") != FORMAT:
             raise DataError(f"{path}: not a gridvqa feature file (no format={FORMAT!r} attribute)")
@@ -190,8 +267,9 @@ def _load_index_once(path: Path) -> _Index:
             parts: list[tuple[str, int]] = []
             if "part_files" in f:
                 parts = list(zip(f["part_files"].asstr()[:], map(int, f["part_rows"][:]), strict=True))
-        except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: malformed feature file ({type(e).__name__}: {e})") from None
+        except (KeyError, ValueError, TypeError, OSError, json.JSONDecodeError) as e:
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise _Unreadable(f"{path}: malformed feature file ({type(e).__name__}: {msg})") from None
     if extent.ndim == 1:
         extent = extent[:, None]
     if (
@@ -202,20 +280,22 @@ def _load_index_once(path: Path) -> _Index:
         or "features" not in fields
         or (kind == "region" and {"boxes", "labels", "scores"} - set(fields))
     ):
-        raise DataError(f"{path}: malformed feature file (per-image or per-row datasets disagree in length)")
+        raise _Unreadable(
+            f"{path}: malformed feature file (per-image or per-row datasets disagree in length)"
+        )
     total = rows.pop()
     counts = np.prod(extent, axis=1) if n else np.zeros(0, np.int64)
     if n and (offset.min() < 0 or (offset + counts).max() > total or counts.min() < 1):
-        raise DataError(f"{path}: malformed feature file (an image's rows fall outside the {total} rows)")
+        raise _Unreadable(f"{path}: malformed feature file (an image's rows fall outside the {total} rows)")
     if len(set(ids.tolist())) != n:
-        raise DataError(f"{path}: malformed feature file (duplicate image ids)")
+        raise _Unreadable(f"{path}: malformed feature file (duplicate image ids)")
     if parts and sum(r for _, r in parts) != total:
-        raise DataError(f"{path}: malformed feature file (part_rows do not add up to {total} rows)")
-    for name, _ in parts:
-        if not (_parts_dir(path) / name).is_file():
-            raise _MissingPart(
-                f"{path}: part file {_parts_dir(path) / name} is missing (move it with the file)"
-            )
+        raise _Unreadable(f"{path}: malformed feature file (part_rows do not add up to {total} rows)")
+    damaged = {}
+    for name, r in parts:
+        why = _part_problem(_parts_dir(path) / name, r, fields)
+        if why is not None:
+            damaged[name] = why
     return _Index(
         kind=kind,
         provenance=prov,
@@ -227,7 +307,36 @@ def _load_index_once(path: Path) -> _Index:
         fields=fields if n else None,  # an empty file has not fixed C or the attribute fields yet
         parts=parts,
         total_rows=total,
+        damaged=damaged,
+        identity=identity,
     )
+
+
+def _without_parts(index: _Index, drop: set[str]) -> _Index:
+    """`index` less the parts in `drop` and the images stored in them (an image never spans two parts)."""
+    starts = np.cumsum([0] + [n for _, n in index.parts])[:-1].tolist()
+    shift, removed, parts = [], 0, []
+    for name, n in index.parts:
+        shift.append(removed)
+        if name in drop:
+            removed += n
+        else:
+            parts.append((name, n))
+    out = _Index(kind=index.kind, provenance=index.provenance, feature_dim=index.feature_dim, parts=parts)
+    for i, o in enumerate(index.offset):
+        k = bisect.bisect_right(starts, o) - 1
+        if index.parts[k][0] in drop:
+            continue
+        out.image_ids.append(index.image_ids[i])
+        out.image_size.append(index.image_size[i])
+        out.offset.append(o - shift[k])
+        out.extent.append(index.extent[i])
+    out.total_rows = index.total_rows - removed
+    if out.image_ids:
+        out.fields = index.fields
+    else:  # like a new file: the next image fixes C and the optional fields again
+        out.feature_dim = 0
+    return out
 
 
 def _write_attrs(f: h5py.File, index: _Index) -> None:
@@ -304,6 +413,9 @@ class FeatureWriter:
     `overwrite=True`: then the old file stays intact and readable until the new run's first commit replaces
     it atomically (no delete-then-recreate window). `close()` consolidates the parts into one plain file
     unless `consolidate=False` (that copies the data once; skip it for very large files).
+
+    Only one writer per file: while another holds it, the constructor raises DataError naming the file and
+    the holder's pid, or with `lock_timeout` waits that many seconds first (None: as long as it takes).
     """
 
     def __init__(
@@ -316,6 +428,7 @@ class FeatureWriter:
         *,
         commit_bytes: int = 256 << 20,
         consolidate: bool = True,
+        lock_timeout: float | None = 0.0,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -329,8 +442,7 @@ class FeatureWriter:
         self.consolidate = consolidate
         self.provenance = _normalise_provenance(provenance, kind, dtype)
         self._parts = _parts_dir(self.path)
-        self._parts.mkdir(parents=True, exist_ok=True)
-        self._lock_file = self._lock()
+        self._lock_file = self._lock(lock_timeout)
         self._closed = False
         try:
             self._open(overwrite)
@@ -343,6 +455,7 @@ class FeatureWriter:
         self._buffer_bytes = 0
         # A consolidated existing file's data becomes part 0 (by hard link) at the first commit.
         self._base_rows = 0
+        self._dropped_parts = False
         old = self._existing_index(overwrite)
         # overwrite: the old file stays until the first commit (flush / close) replaces it
         self._stale = old is None and self.path.exists()
@@ -353,26 +466,57 @@ class FeatureWriter:
             self._index = _Index(kind=self.kind, provenance=self.provenance, feature_dim=0)
         self._done: set[int] = set(self._index.image_ids)
         self._remove_leftovers(keep=self._referenced_on_disk)
-        if not self.path.exists():
-            self._commit_index()  # a new file exists (empty, with its provenance) from the start
+        if not self.path.exists() or self._dropped_parts:
+            # a new file exists (empty, with its provenance) from the start; readers of a file with a
+            # damaged part can read the rest again at once
+            self._commit_index()
 
     # -- opening ---------------------------------------------------------------------------------
-    def _lock(self) -> Any:
-        lock = open(self._parts / "writer.lock", "a+b")  # held until close()
-        if fcntl is not None:
+    def _lock(self, timeout: float | None) -> Any:
+        """The exclusive lock on <file>.parts/writer.lock (an open file: closing it releases the lock)."""
+        if fcntl is None:  # pragma: no cover
+            raise GridVQAError(f"{self.path}: writing feature files needs POSIX file locks (fcntl)")
+        deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
+        lock_path = self._parts / _LOCK_NAME
+        while True:
             try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                self._parts.mkdir(parents=True, exist_ok=True)
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except (FileNotFoundError, FileExistsError):
+                # the last writer removed the folder just now (mkdir saw it, is_dir() did not)
+                if self._parts.exists() and not self._parts.is_dir():
+                    raise DataError(f"{self.path}: {self._parts} is in the way (not a folder)") from None
+                continue
+            except OSError as e:
+                raise DataError(f"{self.path}: cannot create {lock_path} ({e.strerror or e})") from None
+            lock = os.fdopen(fd, "r+b", buffering=0)
+            try:
+                if not _flock(lock, deadline):
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                    raise DataError(
+                        f"{self.path}: another FeatureWriter{f' (pid {holder})' if holder else ''} is "
+                        "writing this file; run again when it has finished"
+                    )
+                st = os.fstat(fd)
+                if _inode(lock_path) == (st.st_dev, st.st_ino):
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                    return lock
+            except BaseException:
                 lock.close()
-                raise DataError(f"{self.path}: another FeatureWriter is writing this file") from None
-        return lock
+                raise
+            lock.close()  # we locked a file the previous holder had removed: not the lock any more
 
     def _existing_index(self, overwrite: bool) -> _Index | None:
         self._referenced_on_disk: set[str] = set()
         if not self.path.exists():
             return None
         try:
-            old = _load_index(self.path)
+            old = _load_index(self.path, keep_damaged=True)
+        except _Unreadable as e:
+            if overwrite:
+                return None
+            raise DataError(f"{e}; pass overwrite=True to start afresh") from None
         except DataError:
             if overwrite:
                 return None
@@ -386,7 +530,33 @@ class FeatureWriter:
                 f"{self.path}: written with different provenance ({'; '.join(diffs)}); "
                 "pass overwrite=True to start afresh"
             )
+        if old.damaged:
+            if all(why == "missing" for why in old.damaged.values()) and len(old.damaged) == len(old.parts):
+                raise DataError(
+                    f"{self.path}: its part files are missing from {self._parts} (move the folder with "
+                    "the file, or pass overwrite=True to start afresh)"
+                )
+            old = self._drop_damaged(old)
         return old
+
+    def _drop_damaged(self, old: _Index) -> _Index:
+        starts = np.cumsum([0] + [n for _, n in old.parts])[:-1].tolist()
+        per_part = dict.fromkeys(old.damaged, 0)
+        names = [name for name, _ in old.parts]
+        for o in old.offset:
+            name = names[bisect.bisect_right(starts, o) - 1]
+            if name in per_part:
+                per_part[name] += 1
+        for name, why in old.damaged.items():
+            log.warning(
+                "%s: part file %s is %s; its %d image(s) are dropped and will be extracted again",
+                self.path,
+                self._parts / name,
+                why if why == "missing" else f"damaged ({why})",
+                per_part[name],
+            )
+        self._dropped_parts = True
+        return _without_parts(old, set(old.damaged))
 
     def _remove_leftovers(self, keep: set[str]) -> None:
         """Temp files of killed runs and parts no committed index refers to (we hold the lock)."""
@@ -534,9 +704,10 @@ class FeatureWriter:
 
     # -- committing ------------------------------------------------------------------------------
     def _next_part(self) -> str:
-        used = [int(p.name[5:11]) for p in self._parts.glob("part-??????.h5") if p.name[5:11].isdigit()]
+        used = [int(p.name[5:11]) for p in self._parts.glob("part-??????*.h5") if p.name[5:11].isdigit()]
         used += [int(name[5:11]) for name, _ in self._index.parts]
-        return f"part-{max(used, default=-1) + 1:06d}.h5"
+        # the random tail: numbering restarts after a consolidation, names must not
+        return f"part-{max(used, default=-1) + 1:06d}-{secrets.token_hex(4)}.h5"
 
     def _write_part(self) -> str:
         """The buffered images' rows as one new part file (written image by image: no concatenated copy)."""
@@ -625,10 +796,17 @@ class FeatureWriter:
         block = max(1, _COPY_BLOCK_BYTES // max(1, dt.itemsize * int(np.prod(trailing, dtype=np.int64))))
         start = 0
         for name, n in self._index.parts:
-            with h5py.File(self._parts / name, "r") as src:
-                for i in range(0, n, block):
-                    j = min(n, i + block)
-                    out[start + i : start + j] = src[key][i:j]
+            try:
+                with h5py.File(self._parts / name, "r") as src:
+                    for i in range(0, n, block):
+                        j = min(n, i + block)
+                        out[start + i : start + j] = src[key][i:j]
+            except (OSError, KeyError) as e:  # damaged since the writer opened the file
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise DataError(
+                    f"{self.path}: part file {self._parts / name} is damaged ({why}); the file is left "
+                    "unconsolidated: open a writer again to redo its images"
+                ) from None
             start += n
 
     def close(self, consolidate: bool | None = None) -> Path:
@@ -639,7 +817,11 @@ class FeatureWriter:
             self.flush()
             if (self.consolidate if consolidate is None else consolidate) and self._index.parts:
                 tmp = _tmp_path(self.path.parent, self.path.name)
-                self._write(tmp, consolidate=True)
+                try:
+                    self._write(tmp, consolidate=True)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
                 _replace(tmp, self.path)
                 self._index.parts = []
                 self._remove_leftovers(keep=set())
@@ -648,12 +830,23 @@ class FeatureWriter:
         return self.path
 
     def _release(self) -> None:
-        """Drop the lock; remove the parts folder when nothing but the lock is left in it."""
+        """Remove the parts folder when nothing but the lock is left in it, then drop the lock.
+
+        Both removals happen while the lock is held; a writer waiting on the removed lock file sees that
+        it is gone once it gets the lock, and starts over (see `_lock`).
+        """
         self._closed = True
-        if not any(p.name != "writer.lock" for p in self._parts.iterdir()):
-            (self._parts / "writer.lock").unlink(missing_ok=True)
-            self._parts.rmdir()
-        self._lock_file.close()
+        try:
+            if not any(p.name != _LOCK_NAME for p in self._parts.iterdir()):
+                (self._parts / _LOCK_NAME).unlink()
+                try:
+                    self._parts.rmdir()
+                except OSError:  # the next writer already put its lock file there
+                    pass
+        except OSError:  # someone removed the folder under us: nothing left to tidy
+            pass
+        finally:
+            self._lock_file.close()
 
     def __enter__(self) -> FeatureWriter:
         return self
@@ -661,6 +854,26 @@ class FeatureWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         # On an error the buffered images are still complete: keep them, but leave consolidation for later.
         self.close(consolidate=None if exc_type is None else False)
+
+
+def _flock(lock: Any, deadline: float | None) -> bool:
+    """Take the exclusive lock on the open file `lock`; False if it is still held at `deadline`."""
+    if deadline is None:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        return True
+    while True:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(_LOCK_POLL_S, left))
+
+
+class _Stale(Exception):
+    """The file changed since its index was read."""
 
 
 class _FeatureReader:
@@ -727,7 +940,11 @@ class _FeatureReader:
         h = self._handles.get(name)
         if h is None:
             path = self.path if name == "" else _parts_dir(self.path) / name
-            h = self._handles[name] = h5py.File(path, "r")
+            h = h5py.File(path, "r")
+            if name == "" and _identity(path) != self._index.identity:
+                h.close()  # a writer replaced the consolidated file we read the index of
+                raise _Stale
+            self._handles[name] = h
             if len(self._handles) > self.max_open_parts:
                 self._handles.popitem(last=False)[1].close()
         else:
@@ -736,7 +953,7 @@ class _FeatureReader:
 
     def _fetch(self, image_id: int, names: Iterable[str]) -> tuple[int, dict[str, np.ndarray]]:
         """(entry, {dataset: rows of this image}); KeyError for an id not in the file."""
-        for attempt in range(2):
+        for attempt in range(3):
             i = self._entry(image_id)
             start = self._index.offset[i]
             stop = start + int(np.prod(self._index.extent[i]))
@@ -747,11 +964,12 @@ class _FeatureReader:
                 start, stop = start - self._part_starts[k], stop - self._part_starts[k]
             try:
                 f = self._handle(part)
-            except FileNotFoundError:
-                if attempt:
-                    raise
+            except (_Stale, OSError) as e:
+                if attempt == 2:
+                    why = str(e).splitlines()[0] if str(e) else "it keeps changing"
+                    raise DataError(f"{self.path}: cannot read image {image_id} ({why})") from None
                 self.close()
-                self._load()  # the writer consolidated (or replaced) the file since we read its index
+                self._load()  # a writer consolidated (or replaced) the file since we read its index
                 continue
             return i, {name: f[name][start:stop] for name in names}
         raise AssertionError("unreachable")

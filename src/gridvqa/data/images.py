@@ -1,8 +1,14 @@
 """Image pipeline: robust loading, detectron2-style resizing, normalisation, flips and batching.
 
-Conventions (see /work/shared/DESIGN.md): the detector recipe feeds BGR 0-255 images minus the
-pixel mean, shorter side 600 and longer side at most 1000, bilinear; batches are padded bottom/right
-to a multiple of 32 (detectron2's ImageList) with a pixel mask saying which pixels are real.
+Conventions: as detectron2 (and so grid-feats-vqa), a detector input is the image in BGR 0-255 minus the
+pixel mean and divided by the pixel std of the weights it feeds (std 1 for MSRA / Detectron1 weights, whose
+std is folded into conv1; the ImageNet std for FAIR's Caffe2 ResNeXts, X-101 / X-152); shorter side 600 and
+longer side at most 1000, bilinear; batches are padded bottom/right to a multiple of 32 (ImageList) with a
+pixel mask saying which pixels are real.
+
+`ImageSpec` is the one description of that conversion (resize rule, normalisation, flip); every user of
+pixels (VQA and VG data, extraction, inference, the probes) builds its pipeline with `build_image_pipeline`,
+which takes the normalisation recorded in the weights it feeds (see gridvqa.models.weights).
 
 Only torch / torchvision / PIL / numpy here: datasets import this module in every worker.
 """
@@ -10,24 +16,27 @@ Only torch / torchvision / PIL / numpy here: datasets import this module in ever
 from __future__ import annotations
 
 import logging
+import os
 import random
+import re
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from gridvqa.errors import DataError
+from gridvqa.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 DETECTRON2_MEAN = (103.530, 116.280, 123.675)  # BGR, 0-255
-DETECTRON2_STD = (1.0, 1.0, 1.0)
+DETECTRON2_STD = (1.0, 1.0, 1.0)  # MSRA / Detectron1 weights: the std is folded into conv1
+# FAIR's Caffe2 ResNeXts (X-101-32x8d, X-152-32x8d-IN5k): grid-feats-vqa configs/X-101-grid.yaml PIXEL_STD
 DETECTRON2_X101_STD = (57.375, 57.120, 58.395)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, 0-1
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -188,13 +197,14 @@ def _uniform(rng: RandomSource | None) -> float:
 
 def shortest_edge_size(h: int, w: int, short: int, max_size: int | None) -> tuple[int, int]:
     """detectron2 ResizeShortestEdge.get_output_shape: scale the short side to `short`, then shrink so the
-    long side is at most `max_size`; round with int(x + 0.5)."""
+    long side is at most `max_size`; round with int(x + 0.5), but never below 1 pixel."""
     scale = short / min(h, w)
     newh, neww = (short, scale * w) if h < w else (scale * h, short)
     if max_size and max(newh, neww) > max_size:
         s = max_size / max(newh, neww)
         newh, neww = newh * s, neww * s
-    return int(newh + 0.5), int(neww + 0.5)
+    # A thin strip (1x3000 at max 1000) would round a side to 0 pixels: keep at least one.
+    return max(1, int(newh + 0.5)), max(1, int(neww + 0.5))
 
 
 @dataclass(frozen=True)
@@ -244,6 +254,24 @@ class ResizeFixed:
 Resize = ResizeShortest | ResizeFixed
 
 
+def resize_text(resize: Resize) -> str:
+    """The rule as feature files record it (provenance `resize`): `fixed HxW` or `shortest S, max M`."""
+    if isinstance(resize, ResizeFixed):
+        return f"fixed {resize.height}x{resize.width}"
+    return f"shortest {resize.short}, max {resize.max_size}"
+
+
+def resize_from_text(text: str) -> Resize | None:
+    """The inverse of `resize_text` (one short side only); None for text it did not write."""
+    fixed = re.fullmatch(r"fixed (\d+)x(\d+)", text)
+    if fixed:
+        return ResizeFixed(int(fixed[1]), int(fixed[2]))
+    short = re.fullmatch(r"shortest (\d+), max (\d+|None)", text)
+    if short:
+        return ResizeShortest(int(short[1]), None if short[2] == "None" else int(short[2]))
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Normalisation
 
@@ -289,6 +317,10 @@ class Normalization:
             x = x / 255.0
         return TF.normalize(x, list(self.mean), list(self.std))
 
+    def to_dict(self) -> dict[str, Any]:
+        """What weights files record (safetensors metadata `pixel_norm`, see gridvqa.models.weights)."""
+        return {"kind": self.kind, "mean": list(self.mean), "std": list(self.std)}
+
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Network input -> uint8 RGB CHW (for pictures)."""
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
@@ -299,6 +331,182 @@ class Normalization:
         if self.bgr:
             y = y.flip(-3)
         return y.round().clamp(0, 255).to(torch.uint8)
+
+
+# What each family of weights expects. detectron2 / grid-feats-vqa: configs/R-50-grid.yaml keeps detectron2's
+# default PIXEL_STD (defaults.py: [1, 1, 1], MSRA weights), configs/X-101-grid.yaml sets the ImageNet std;
+# torchvision / timm ImageNet ResNets: RGB 0-1 with the ImageNet mean and std.
+PIXEL_NORMS: dict[str, Normalization] = {
+    "detectron2": Normalization("detectron2", DETECTRON2_MEAN, DETECTRON2_STD),
+    "detectron2_x101": Normalization("detectron2", DETECTRON2_MEAN, DETECTRON2_X101_STD),
+    "imagenet": Normalization("imagenet", IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The one image configuration
+
+# Flat configs (conf/data/*.yaml, conf/extract.yaml) name the fields after what they mean there.
+_SPEC_ALIASES = {"image_size": "size", "pixel_mean": "mean", "pixel_std": "std", "hflip_prob": "hflip"}
+
+
+def _floats3(value: Any, key: str) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r}: expected 3 numbers (one per channel) or null") from None
+    if len(out) != 3:
+        raise ConfigError(f"{key}={list(out)}: expected 3 numbers (one per channel) or null")
+    return out  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a decoded image becomes network input: the resize rule, the pixel normalisation and the flip.
+
+    Resize: `size` (h, w) fixed, else shorter side `short` (a tuple: one chosen per image) with the longer
+    side at most `max_size`. Normalisation: `norm` the kind (detectron2: BGR 0-255; imagenet: RGB 0-1),
+    `mean` / `std` per channel in that order and range; None = "as the weights record, else the kind's
+    default" (see `resolve_image_spec`). `keys` names the config keys the values came from, for errors.
+    """
+
+    size: tuple[int, int] | None = None
+    short: int | tuple[int, ...] | None = None
+    max_size: int | None = None
+    norm: str | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    hflip: float = 0.0
+    keys: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def key(self, name: str) -> str:
+        return self.keys.get(name, name)
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if self.size is not None:
+            try:
+                size = tuple(int(v) for v in self.size)
+            except (TypeError, ValueError):
+                size = ()
+            if len(size) != 2 or min(size) <= 0:
+                raise ConfigError(f"{self.key('size')}={self.size!r}: expected [height, width], both > 0")
+            put("size", size)
+        if self.short is not None:
+            try:
+                scalar = isinstance(self.short, (int, float, np.integer, np.floating))
+                shorts = (int(self.short),) if scalar else tuple(int(v) for v in self.short)
+            except (TypeError, ValueError):
+                shorts = ()
+            if not shorts or min(shorts) <= 0:
+                raise ConfigError(f"{self.key('short')}={self.short!r}: expected a positive shorter side "
+                                  "(or a list of them to choose from)")
+            put("short", shorts[0] if len(shorts) == 1 else shorts)
+        if self.max_size is not None:
+            try:
+                max_size = int(self.max_size)
+            except (TypeError, ValueError):
+                max_size = 0
+            if max_size <= 0:
+                raise ConfigError(f"{self.key('max_size')}={self.max_size!r}: expected a size > 0 or null")
+            put("max_size", max_size)
+        if self.size is None and self.short is None:
+            raise ConfigError(f"no resize rule: set {self.key('size')}=[H,W], or {self.key('short')}=S "
+                              f"(and {self.key('max_size')}=M)")
+        if self.norm is not None and str(self.norm) not in NORMS:
+            raise ConfigError(f"{self.key('norm')}={self.norm!r}: expected one of {', '.join(NORMS)} or null "
+                              "(null: as the weights record)")
+        put("norm", None if self.norm is None else str(self.norm))
+        put("mean", _floats3(self.mean, self.key("mean")))
+        std = _floats3(self.std, self.key("std"))
+        if std is not None and min(std) <= 0:
+            raise ConfigError(f"{self.key('std')}={list(std)}: every std must be positive")
+        put("std", std)
+        try:
+            hflip = float(self.hflip)
+        except (TypeError, ValueError):
+            hflip = -1.0
+        if not 0.0 <= hflip <= 1.0:
+            raise ConfigError(f"{self.key('hflip')}={self.hflip!r}: expected a probability in [0, 1]")
+        put("hflip", hflip)
+        put("keys", dict(self.keys))
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any], prefix: str = "", **overrides: Any) -> ImageSpec:
+        """The fields found in `cfg` (also under their flat-config names: image_size, pixel_mean,
+        pixel_std, hflip_prob), other keys ignored; `prefix` + key name the config keys in errors."""
+        names = {f.name for f in fields(cls)} - {"keys"}
+        values: dict[str, Any] = {}
+        keys: dict[str, str] = {}
+        for k in cfg:
+            name = _SPEC_ALIASES.get(str(k), str(k))
+            if name in names:
+                values[name], keys[name] = cfg[k], f"{prefix}{k}"
+        values.update(overrides)
+        return cls(**values, keys=keys)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain json / yaml values; `ImageSpec.from_mapping(spec.to_dict()) == spec`."""
+        def plain(v: Any) -> Any:
+            return list(v) if isinstance(v, tuple) else v
+
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self) if f.name != "keys"}
+
+    def resize(self) -> Resize:
+        if self.size is not None:
+            return ResizeFixed(*self.size)
+        return ResizeShortest(self.short, self.max_size)  # type: ignore[arg-type]
+
+    def normalization(self) -> Normalization:
+        """The normalisation as configured, defaults for what is unset (no weights consulted)."""
+        return Normalization.make(self.norm or "detectron2", self.mean, self.std)
+
+    def resolved(self, recorded: Normalization | None, weights: str | os.PathLike | None = None) -> ImageSpec:
+        """Norm, mean and std made explicit: the `recorded` normalisation of `weights` where there is one
+        (a configured value that differs is a ConfigError naming the key and the file), else the config's,
+        else the detectron2 default (std 1)."""
+        if recorded is None:
+            n = self.normalization()
+        else:
+            for name, given, rec in (("norm", self.norm, recorded.kind), ("mean", self.mean, recorded.mean),
+                                     ("std", self.std, recorded.std)):
+                if given is None:
+                    continue
+                same = given == rec if name == "norm" else np.allclose(given, rec, rtol=1e-5, atol=1e-6)
+                if not same:
+                    shown, trained = (given, rec) if name == "norm" else (list(given), list(rec))
+                    raise ConfigError(
+                        f"{self.key(name)}={shown} contradicts {weights}, whose weights were trained with "
+                        f"pixel {name} {trained} (leave {self.key(name)} null to use it)")
+            n = recorded
+        return replace(self, norm=n.kind, mean=n.mean, std=n.std, keys=self.keys)
+
+
+def resolve_image_spec(
+    spec: ImageSpec | Mapping[str, Any], weights: str | os.PathLike | None = None, prefix: str = ""
+) -> ImageSpec:
+    """`spec` with the pixel normalisation made explicit from the `weights` file it will feed (safetensors
+    metadata `pixel_norm`, written by gridvqa.models.convert and by VG pre-training's export)."""
+    if not isinstance(spec, ImageSpec):
+        spec = ImageSpec.from_mapping(spec, prefix)
+    recorded = None
+    if weights is not None:
+        from gridvqa.models.weights import recorded_pixel_norm
+
+        recorded = recorded_pixel_norm(weights)
+    return spec.resolved(recorded, weights)
+
+
+def build_image_pipeline(
+    spec: ImageSpec | Mapping[str, Any], weights: str | os.PathLike | None = None, prefix: str = ""
+) -> ImagePipeline:
+    """The one way to get an image pipeline: from an ImageSpec (or a config mapping of its fields) and the
+    weights file the images will feed, whose recorded normalisation is used (see `resolve_image_spec`)."""
+    return ImagePipeline.from_spec(resolve_image_spec(spec, weights, prefix))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -325,6 +533,13 @@ class ImagePipeline:
         self.resize = resize
         self.normalization = Normalization.make(norm, mean, std)
         self.hflip_prob = float(hflip_prob)
+
+    @classmethod
+    def from_spec(cls, spec: ImageSpec) -> ImagePipeline:
+        try:
+            return cls(spec.resize(), spec.norm or "detectron2", spec.mean, spec.std, spec.hflip)
+        except ValueError as e:
+            raise ConfigError(f"image pipeline: {e}") from None
 
     def __call__(
         self,

@@ -6,6 +6,7 @@ from the built-in synthetic set to real data.
     DATA_ROOT/
       vqa/v2_OpenEnded_mscoco_{split}_questions.json     # train2014, val2014, test2015 (test-dev too)
       vqa/v2_mscoco_{split}_annotations.json             # train2014, val2014
+      vqa/VG_questions.json  vqa/VG_annotations.json     # optional VG-QA in VQA format (mcan-vqa's files)
       images/{split}/COCO_{split}_{image_id:012d}.jpg    # COCO images (test2015 for the test split)
       vg/image_data.json  vg/objects.json  vg/attributes.json
       vg/objects_vocab.txt  vg/attributes_vocab.txt      # one class per line, synonyms comma-separated
@@ -29,7 +30,15 @@ SPLIT_ALIASES: dict[str, str] = {
     "val2014": "val2014",
     "test2015": "test2015",
     "test-dev2015": "test-dev2015",
+    "vg": "vg",
 }
+# Every question file that feeds the question vocabulary (mcan-vqa core/data/load_data.py tokenises
+# train + val + test + vg questions); test-dev is a subset of test2015 but may come alone.
+QUESTION_SPLITS: tuple[str, ...] = ("train", "val", "test", "test-dev", "vg")
+# VG-QA (mcan-vqa's VG_questions.json) asks about the Visual Genome images that are also in COCO, under
+# their COCO ids: their pixels are COCO train2014 / val2014 files.
+VG_QA = "vg"
+_VG_QA_IMAGE_SPLITS = ("train2014", "val2014")
 
 
 def official_split(split: str) -> str:
@@ -41,18 +50,31 @@ def official_split(split: str) -> str:
         raise ValueError(f"unknown split {split!r}; expected one of: {known}") from None
 
 
-def image_folder_split(split: str) -> str:
-    """test-dev questions use the test2015 images."""
+def image_folder_splits(split: str) -> tuple[str, ...]:
+    """The COCO image folders a split's images live in: test-dev uses test2015; VG-QA train2014/val2014."""
     s = official_split(split)
-    return "test2015" if s.startswith("test") else s
+    if s == VG_QA:
+        return _VG_QA_IMAGE_SPLITS
+    return ("test2015",) if s.startswith("test") else (s,)
+
+
+def image_folder_split(split: str) -> str:
+    """The (first) COCO image folder of a split; see `image_folder_splits`."""
+    return image_folder_splits(split)[0]
 
 
 def questions_path(root: str | Path, split: str) -> Path:
-    return Path(root) / "vqa" / f"v2_OpenEnded_mscoco_{official_split(split)}_questions.json"
+    s = official_split(split)
+    if s == VG_QA:
+        return Path(root) / "vqa" / "VG_questions.json"
+    return Path(root) / "vqa" / f"v2_OpenEnded_mscoco_{s}_questions.json"
 
 
 def annotations_path(root: str | Path, split: str) -> Path:
-    return Path(root) / "vqa" / f"v2_mscoco_{official_split(split)}_annotations.json"
+    s = official_split(split)
+    if s == VG_QA:
+        return Path(root) / "vqa" / "VG_annotations.json"
+    return Path(root) / "vqa" / f"v2_mscoco_{s}_annotations.json"
 
 
 def images_dir(root: str | Path, split: str) -> Path:
@@ -65,7 +87,14 @@ def coco_image_name(split: str, image_id: int) -> str:
 
 
 def coco_image_path(root: str | Path, split: str, image_id: int) -> Path:
-    return images_dir(root, split) / coco_image_name(split, image_id)
+    """The image file of `image_id`; for VG-QA the COCO folder that holds it (else the first candidate)."""
+    folders = image_folder_splits(split)
+    candidates = [Path(root) / "images" / f / f"COCO_{f}_{int(image_id):012d}.jpg" for f in folders]
+    if len(candidates) > 1:
+        for c in candidates:
+            if c.exists():
+                return c
+    return candidates[0]
 
 
 def vg_dir(root: str | Path) -> Path:

@@ -68,6 +68,25 @@ def save_tokenizer(tokenizer, directory: str | os.PathLike) -> Path:
     return d
 
 
+def read_tokenizer_json(path: str | os.PathLike) -> str:
+    """The text of a tokenizer.json, checked to be UTF-8 JSON; a DataError naming the file otherwise
+    (never echoing its bytes)."""
+    import json
+
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not UTF-8 text (byte {e.start}); expected the tokenizer.json that "
+                        "python -m gridvqa.data.prepare writes") from None
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}: not JSON (line {e.lineno}, column {e.colno}: {e.msg}); expected the "
+                        "tokenizer.json that python -m gridvqa.data.prepare writes") from None
+    return text
+
+
 def load_tokenizer(directory: str | os.PathLike, max_length: int | None = None):
     """Load our saved tokenizer or any local pretrained tokenizer directory (never the network)."""
     d = Path(directory)
@@ -75,10 +94,12 @@ def load_tokenizer(directory: str | os.PathLike, max_length: int | None = None):
         raise DataError(
             f"{d}: tokenizer directory not found (make it with: python -m gridvqa.data.prepare DATA_ROOT)"
         )
+    if (d / "tokenizer.json").is_file():
+        read_tokenizer_json(d / "tokenizer.json")  # a damaged file named in one line, not its bytes
     from transformers import AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    try:  # trust_remote_code=False: a folder that ships its own tokenizer code is refused, never run
+        tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise DataError(f"{d}: not a tokenizer directory ({str(e).splitlines()[0]})") from None
     if max_length is not None:

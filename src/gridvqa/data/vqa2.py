@@ -36,6 +36,7 @@ class VQAEntry:
     answer_type: str | None = None
     question_type: str | None = None
     multiple_choice_answer: str | None = None
+    split: str | None = None  # the split it was read from: where its image lives when splits are mixed
 
     @property
     def normalized_answers(self) -> list[str]:
@@ -116,7 +117,51 @@ def load_split(root: str | os.PathLike, split: str, with_answers: bool | None = 
         with_answers = apath.is_file()
     if with_answers and not apath.is_file():
         raise DataError(f"{apath}: VQA annotations file not found (split {split!r} needs answers)")
-    return load_entries(qpath, apath if with_answers else None)
+    entries = load_entries(qpath, apath if with_answers else None)
+    for e in entries:
+        e.split = split
+    return entries
+
+
+def split_names(splits: str | Sequence[str]) -> tuple[str, ...]:
+    """`"train"` or `["train", "val", "vg"]` (also `"train+val"`, mcan-vqa's spelling) -> a tuple of
+    split names, each checked against the known splits."""
+    parts = splits.split("+") if isinstance(splits, str) else [str(s) for s in splits]
+    names = tuple(p.strip() for p in parts)
+    if not names or any(not n for n in names):
+        raise DataError(f"no split named in {splits!r}")
+    for n in names:
+        try:
+            layout.official_split(n)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+    if len({layout.official_split(n) for n in names}) != len(names):
+        raise DataError(f"split {splits!r} names a split twice")
+    return names
+
+
+def load_splits(
+    root: str | os.PathLike, splits: str | Sequence[str], with_answers: bool | None = None
+) -> list[VQAEntry]:
+    """The entries of one or several splits, in order; a question id seen twice is an error (the
+    splits overlap, e.g. test and test-dev)."""
+    entries: list[VQAEntry] = []
+    seen: dict[int, str] = {}
+    for split in split_names(splits):
+        for e in load_split(root, split, with_answers):
+            if e.question_id in seen:
+                raise DataError(
+                    f"{layout.questions_path(root, split)}: question {e.question_id} is also in split "
+                    f"{seen[e.question_id]!r}: the splits overlap"
+                )
+            seen[e.question_id] = split
+            entries.append(e)
+    return entries
+
+
+def present_question_splits(root: str | os.PathLike) -> tuple[str, ...]:
+    """The splits of `layout.QUESTION_SPLITS` whose questions file exists under `root`."""
+    return tuple(s for s in layout.QUESTION_SPLITS if layout.questions_path(root, s).is_file())
 
 
 class AnswerVocab:
@@ -163,7 +208,18 @@ class AnswerVocab:
         data = load_json(path, "answer vocabulary (make it with: python -m gridvqa.data.prepare DATA_ROOT)")
         if not isinstance(data, dict) or not isinstance(data.get("answers"), list):
             raise DataError(f"{path}: not an answer vocabulary (expected {{'answers': [...]}})")
-        return cls([str(a) for a in data["answers"]], data.get("min_count"))
+        answers = data["answers"]
+        # A non-string would be coerced into a class named "None" or "1"; say which entry instead.
+        seen: dict[str, int] = {}
+        for i, a in enumerate(answers):
+            if not isinstance(a, str) or not a:
+                what = "an empty string" if a == "" else f"{a!r} ({type(a).__name__})"
+                raise DataError(f"{path}: answer #{i} is {what}; every answer must be a non-empty string")
+            if a in seen:
+                msg = f"{path}: answer #{i} {a!r} repeats answer #{seen[a]}; answers must be unique"
+                raise DataError(msg)
+            seen[a] = i
+        return cls(answers, data.get("min_count"))
 
     def coverage(self, entries: Iterable[VQAEntry]) -> float:
         """Share of human answers (normalised) that are in the vocabulary."""

@@ -21,14 +21,13 @@ from gridvqa.config import to_plain
 from gridvqa.data import layout
 from gridvqa.data.images import (
     ImagePipeline,
-    ResizeFixed,
-    ResizeShortest,
     SkipCounter,
     collate_images,
     load_image,
+    resolve_image_spec,
 )
 from gridvqa.data.sampling import ResumableDataLoader, ShardSampler, global_seed
-from gridvqa.data.vqa2 import AnswerVocab, VQAEntry, load_split
+from gridvqa.data.vqa2 import AnswerVocab, VQAEntry, load_splits, split_names
 from gridvqa.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -41,6 +40,8 @@ class VQADataset(Dataset):
 
     `group_by_image=True` makes one item per image holding all its questions, so batches carry each
     image once (`batch_size` then counts images); otherwise one item per question.
+    `keep_blind=True` (scoring splits): an image that cannot be read still yields its questions, marked
+    `no_image`, so that they are scored (answered blind) rather than left out; training skips them.
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class VQADataset(Dataset):
         pipeline: ImagePipeline | None = None,
         features=None,
         group_by_image: bool = False,
+        keep_blind: bool = False,
     ) -> None:
         if source not in SOURCES:
             raise ValueError(f"unknown visual source {source!r}; expected one of {SOURCES}")
@@ -67,6 +69,7 @@ class VQADataset(Dataset):
         self.pipeline = pipeline
         self.features = features
         self.skipped = SkipCounter()
+        self.keep_blind = keep_blind
         self.groups: list[list[int]] | None = None
         if group_by_image:
             by_image: dict[int, list[int]] = {}
@@ -85,14 +88,15 @@ class VQADataset(Dataset):
 
     def visual(self, e: VQAEntry) -> dict | None:
         if self.source == "pixels":
-            path = layout.coco_image_path(self.root, self.split, e.image_id)
+            path = layout.coco_image_path(self.root, e.split or self.split, e.image_id)
             try:
                 img = load_image(path)
-            except DataError as err:
-                self.skipped.add(path, str(err))
-                log.warning("skipping question %d: %s", e.question_id, err)
+                tensor, _, info = self.pipeline(img)
+            except Exception as err:  # noqa: BLE001 - one image that cannot be prepared never ends a run
+                reason = str(err) if isinstance(err, DataError) else f"{path}: {type(err).__name__}: {err}"
+                self.skipped.add(path, reason)
+                log.warning("skipping question %d: %s", e.question_id, reason)
                 return None
-            tensor, _, info = self.pipeline(img)
             return {"image": tensor, "orig_size": info["orig_size"]}
         try:
             item = self.features.get(e.image_id)
@@ -129,17 +133,25 @@ class VQADataset(Dataset):
         qs = self.groups[i] if self.groups is not None else [i]
         v = self.visual(self.entries[qs[0]])
         if v is None:
-            return None
+            if not self.keep_blind:
+                return None
+            return {"no_image": True, "questions": [self.question_item(q) for q in qs]}
         v["questions"] = [self.question_item(q) for q in qs]
         return v
 
 
 def collate_vqa(batch: list[dict | None], size_divisibility: int = 32) -> dict | None:
     """Visual inputs once per image (padded, with masks) and questions flattened, `img_index` linking
-    each question to its image: the backbone then runs once per image, not once per question."""
-    items = [b for b in batch if b is not None]
+    each question to its image: the backbone then runs once per image, not once per question.
+    Questions whose image could not be read (`keep_blind` datasets) go to `blind` (their ids, human
+    answers and answer types) and are the whole batch when no image of it could be read."""
+    blind_qs = [q for b in batch if b is not None and b.get("no_image") for q in b["questions"]]
+    items = [b for b in batch if b is not None and not b.get("no_image")]
+    blind = {"question_id": torch.tensor([q["question_id"] for q in blind_qs]),
+             "answers": [q["answers"] for q in blind_qs],
+             "answer_type": [q["answer_type"] for q in blind_qs]} if blind_qs else None
     if not items:
-        return None
+        return {"blind": blind} if blind else None
     qs = [q for b in items for q in b["questions"]]
     out = {
         "q_ids": torch.stack([q["q_ids"] for q in qs]),
@@ -177,14 +189,45 @@ def collate_vqa(batch: list[dict | None], size_divisibility: int = 32) -> dict |
             m = b["regions"].shape[0]
             regions[k, :m], boxes[k, :m], mask[k, :m] = b["regions"], b["boxes"], True
         out["regions"], out["boxes"], out["region_mask"] = regions, boxes, mask
+    if blind:
+        out["blind"] = blind
     return out
 
 
-def build_pipeline(
-    size: Sequence[int] | None, short: int | None, max_size: int | None, norm: str, hflip_prob: float = 0.0
-) -> ImagePipeline:
-    resize = ResizeFixed(int(size[0]), int(size[1])) if size is not None else ResizeShortest(short, max_size)
-    return ImagePipeline(resize, norm=norm, hflip_prob=hflip_prob)
+# Where a split's image features may come from when it has no file of its own: test-dev images are
+# test2015 images; VG-QA questions ask about COCO train2014 / val2014 images.
+_FEATURE_FALLBACK: dict[str, tuple[str, ...]] = {"test-dev": ("test",), layout.VG_QA: ("train", "val")}
+
+
+class ChainedFeatures:
+    """Several feature files read as one (by image id, first file first): joined training splits."""
+
+    def __init__(self, stores: Sequence) -> None:
+        self.stores = list(stores)
+        self.path = " + ".join(str(s.path) for s in self.stores)
+
+    def __contains__(self, image_id: object) -> bool:
+        return any(image_id in s for s in self.stores)
+
+    def get(self, image_id: int) -> dict:
+        for s in self.stores:
+            if image_id in s:
+                return s.get(image_id)
+        raise KeyError(image_id)
+
+
+def split_features(paths: dict[str, str], splits: Sequence[str]):
+    """The feature reader for one or several splits from `data.features` ({split: PATH})."""
+    from gridvqa.data.features import open_features
+
+    chosen: list[str] = []
+    for s in splits:
+        keys = [s] if paths.get(s) else [k for k in _FEATURE_FALLBACK.get(s, ()) if paths.get(k)]
+        if not keys:
+            raise DataError(f"no feature file configured for split {s!r} (data.features.{s}=PATH)")
+        chosen += [str(paths[k]) for k in keys]
+    stores = [open_features(p) for p in dict.fromkeys(chosen)]
+    return stores[0] if len(stores) == 1 else ChainedFeatures(stores)
 
 
 class VQADataModule(pl.LightningDataModule):
@@ -199,13 +242,16 @@ class VQADataModule(pl.LightningDataModule):
         self,
         data_root: str,
         source: str = "pixels",
-        train_split: str = "train",
+        train_split: str | Sequence[str] = "train",
         val_split: str = "val",
         test_split: str = "test",
         image_size: Sequence[int] | None = (448, 448),
         short: int | None = None,
         max_size: int | None = None,
-        norm: str = "detectron2",
+        norm: str | None = None,
+        pixel_mean: Sequence[float] | None = None,
+        pixel_std: Sequence[float] | None = None,
+        weights: str | None = None,
         features: dict[str, str] | None = None,
         max_length: int = 14,
         batch_size: int = 64,
@@ -218,8 +264,12 @@ class VQADataModule(pl.LightningDataModule):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        image_size, features = to_plain(image_size), to_plain(features)
+        image_size, features, train_split = to_plain(image_size), to_plain(features), to_plain(train_split)
+        pixel_mean, pixel_std = to_plain(pixel_mean), to_plain(pixel_std)
         self.save_hyperparameters()
+        # Pixels are normalised as the backbone `weights` record (unset keys: taken from there).
+        self.image_spec = (resolve_image_spec(self.hparams, weights, prefix="data.")
+                           if source == "pixels" else None)
         self.vocab: AnswerVocab | None = None
         self.tokenizer = None
         self.datasets: dict[str, VQADataset] = {}
@@ -232,47 +282,44 @@ class VQADataModule(pl.LightningDataModule):
             self.vocab = AnswerVocab.load(layout.answers_path(root))
             self.tokenizer = load_tokenizer(layout.tokenizer_dir(root), self.hparams.max_length)
 
-    def dataset(self, split: str) -> VQADataset:
-        """The dataset of one split (cached); questions tokenised once up front."""
-        if split in self.datasets:
-            return self.datasets[split]
+    def dataset(self, split: str | Sequence[str]) -> VQADataset:
+        """The dataset of one split, or of several joined (a list such as [train, val, vg]: how MCAN
+        trains for test-dev); cached, questions tokenised once up front."""
+        names = split_names(split)
+        key = "+".join(names)
+        if key in self.datasets:
+            return self.datasets[key]
         self._load_vocab()
         from gridvqa.data.text import encode
 
         hp = self.hparams
-        entries = load_split(hp.data_root, split)
-        limit = hp.limit_train if split == hp.train_split else hp.limit_val
+        entries = load_splits(hp.data_root, names)
+        limit = hp.limit_train if names == split_names(hp.train_split) else hp.limit_val
         if limit:
             entries = entries[:limit]
         if not entries:
-            raise DataError(f"{layout.questions_path(hp.data_root, split)}: no questions")
+            raise DataError(f"{layout.questions_path(hp.data_root, names[0])}: no questions")
         q_ids, q_mask = encode(self.tokenizer, [e.question for e in entries], max_length=hp.max_length)
         features = None
         pipeline = None
         if hp.source == "pixels":
-            pipeline = build_pipeline(hp.image_size, hp.short, hp.max_size, hp.norm)
+            pipeline = ImagePipeline.from_spec(self.image_spec)
         else:
-            from gridvqa.data.features import open_features
-
-            path = (hp.features or {}).get(split)
-            if path is None:
-                raise DataError(
-                    f"no feature file configured for split {split!r} (data.features.{split}=PATH)"
-                )
-            features = open_features(path)
+            features = split_features(hp.features or {}, names)
         ds = VQADataset(
             entries,
             q_ids,
             q_mask,
             self.vocab,
-            split,
+            names[0],
             hp.data_root,
             hp.source,
             pipeline,
             features,
             hp.group_by_image,
+            keep_blind=names != split_names(hp.train_split),  # scoring splits count every question
         )
-        self.datasets[split] = ds
+        self.datasets[key] = ds
         return ds
 
     def setup(self, stage: str | None = None) -> None:
@@ -284,7 +331,9 @@ class VQADataModule(pl.LightningDataModule):
         elif stage in ("test", "predict"):
             self.dataset(self.hparams.test_split)
 
-    def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> ResumableDataLoader:
+    def loader(
+        self, split: str | Sequence[str], shuffle: bool = False, batch_size: int | None = None
+    ) -> ResumableDataLoader:
         """Training (`shuffle=True`): shuffled, shards padded to equal sizes; else in order, unpadded."""
         hp = self.hparams
         ds = self.dataset(split)
@@ -292,7 +341,7 @@ class VQADataModule(pl.LightningDataModule):
         replicas, rank = int(kw.get("num_replicas", 1)), int(kw.get("rank", 0))
         if not shuffle and len(ds) < replicas:
             raise DataError(
-                f"{layout.questions_path(hp.data_root, split)}: {len(ds)} items for {replicas} processes; "
+                f"{layout.questions_path(hp.data_root, ds.split)}: {len(ds)} items for {replicas} processes; "
                 "every process needs at least one"
             )
         seed = hp.seed if hp.seed is not None else global_seed()

@@ -8,7 +8,12 @@ save into that folder removes what a killed one left.
 
 Loading defaults to `torch.load(weights_only=True)` whatever torch's own default is: Lightning's
 resume (`trainer.fit(ckpt_path=...)`) goes through here, and our checkpoints hold only tensors and
-plain containers. A caller that passes `weights_only=False` explicitly still gets that.
+plain containers. A caller that passes `weights_only=False` explicitly still gets that. A file it
+refuses, or a missing one, is a one-line GridVQAError naming the file.
+
+Lightning logs "`weights_only` was not set, defaulting to `False`" whenever a checkpoint is *written*
+without saying whether to leave out the optimizer state (it means "full training state", not unsafe
+loading): `quiet_weights_only_notice` drops that line, since loading here is always weights-only.
 """
 
 from __future__ import annotations
@@ -26,6 +31,20 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.cloud_io import get_filesystem
 
 log = logging.getLogger(__name__)
+
+_NOTICE = "`weights_only` was not set"
+
+
+class _DropWeightsOnlyNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _NOTICE not in record.getMessage()
+
+
+def quiet_weights_only_notice() -> None:
+    """Drop Lightning's "`weights_only` was not set, defaulting to `False`" log line (idempotent)."""
+    logger = logging.getLogger("pytorch_lightning.trainer.connectors.checkpoint_connector")
+    if not any(isinstance(f, _DropWeightsOnlyNotice) for f in logger.filters):
+        logger.addFilter(_DropWeightsOnlyNotice())
 
 
 TEMP_PREFIX = ".partial-"
@@ -95,6 +114,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     nothing already.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        quiet_weights_only_notice()
+
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
@@ -110,4 +133,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
         safe = True if weights_only is None else weights_only
+        if safe and isinstance(get_filesystem(path), LocalFileSystem):
+            from gridvqa.models.safe_load import load_torch_file
+
+            return load_torch_file(path, "checkpoint", map_location=map_location)
         return super().load_checkpoint(path, map_location, weights_only=safe)

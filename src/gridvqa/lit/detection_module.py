@@ -24,7 +24,7 @@ from gridvqa.models.detector import build_detector
 
 log = logging.getLogger(__name__)
 # sgd: the detectron2 recipe (default). adamw: a higher AP50 from scratch in few CPU steps (0.23 vs 0.15 in 4
-# epochs on the built-in data), though e2e VQA from those weights was not better (README, VG pre-training).
+# epochs on the built-in data), though e2e VQA from those weights was not better (docs/results.md).
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -53,6 +53,13 @@ class DetectionModule(pl.LightningModule):
         backbone, detector, milestones = to_plain(backbone), to_plain(detector), to_plain(milestones)
         self.save_hyperparameters()
         self.backbone_cfg = dict(backbone)
+        if self.backbone_cfg.get("norm", "FrozenBN") == "FrozenBN" and not self.backbone_cfg.get("weights"):
+            # FrozenBN keeps the statistics of pretrained weights; on random weights it normalises nothing.
+            raise ConfigError(
+                "backbone.norm=FrozenBN needs backbone.weights (ImageNet weights converted with "
+                "python -m gridvqa.models.convert); backbone.weights is unset, so the detector would train "
+                "from random weights. Set backbone.weights=PATH, or backbone.norm=BN to train from scratch"
+            )
         bb = build_backbone(**self.backbone_cfg)
         self.detector = build_detector(kind, bb, num_classes, num_attributes, **dict(detector))
         self.val_ap = DetectionAP(num_classes=num_classes)
@@ -106,12 +113,15 @@ class DetectionModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            export_weights(self, self.hparams.export_dir)
+            # The pixel normalisation trained with goes with the weights (the data module resolved it).
+            norm = getattr(self.trainer.datamodule, "normalization", None)
+            export_weights(self, self.hparams.export_dir, pixel_norm=norm)
 
 
-def export_weights(module: DetectionModule, export_dir: str | Path) -> Path:
-    """backbone.safetensors (our backbone keys), detector.safetensors and config.json, written atomically."""
-    from gridvqa.models.weights import save_safetensors
+def export_weights(module: DetectionModule, export_dir: str | Path, pixel_norm: Any = None) -> Path:
+    """backbone.safetensors (our backbone keys), detector.safetensors and config.json, written atomically;
+    the safetensors record `pixel_norm` (a gridvqa.data.images.Normalization) when it is given."""
+    from gridvqa.models.weights import pixel_norm_metadata, save_safetensors
 
     d = Path(export_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -119,8 +129,9 @@ def export_weights(module: DetectionModule, export_dir: str | Path) -> Path:
     bb_sd = {k[len("backbone.") :]: v for k, v in det_sd.items() if k.startswith("backbone.")}
     hp = dict(module.hparams)
     meta = {"kind": hp["kind"], "backbone": dict(hp["backbone"]), "num_classes": hp["num_classes"]}
-    save_safetensors(bb_sd, d / "backbone.safetensors", {"config": json.dumps(meta)})
-    save_safetensors(det_sd, d / "detector.safetensors", {"config": json.dumps(meta)})
+    metadata = {"config": json.dumps(meta), **pixel_norm_metadata(pixel_norm)}
+    save_safetensors(bb_sd, d / "backbone.safetensors", metadata)
+    save_safetensors(det_sd, d / "detector.safetensors", metadata)
     from gridvqa.data.jsonio import atomic_write_json
 
     atomic_write_json(

@@ -10,8 +10,8 @@ hyper-parameters, so evaluation and prediction need only the checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,23 +21,36 @@ import torch
 import torch.nn.functional as F
 
 from gridvqa.config import to_plain
-from gridvqa.data.images import feature_mask
-from gridvqa.errors import ConfigError
+from gridvqa.data.images import feature_mask, resolve_image_spec
+from gridvqa.errors import ConfigError, DataError
+from gridvqa.lit.schedules import VQA_SCHEDULES, fraction_factor, mcan_epoch_factor
 from gridvqa.metrics.vqa_metric import VQAAccuracy
-from gridvqa.models.mcan import MCANOutput, build_mcan
+from gridvqa.models.mcan import MCANOutput, build_mcan, mcan_config
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("pixels", "grid_h5", "region_h5")
 
 
-def mcan_lr_factor(progress: float, warmup: float, milestones: Sequence[float], gamma: float) -> float:
-    """MCAN's schedule on the fraction of training done: warm-up in 4 equal steps (1/4, 2/4, 3/4, 1)
-    over the first `warmup` fraction, then x`gamma` at each milestone fraction. Fractions (not epochs)
-    so the same config fits 13 epochs of VQA v2 and a few minutes on the built-in data."""
-    if progress < warmup:
-        return (math.floor(4 * progress / warmup) + 1) / 4
-    return gamma ** sum(progress >= m for m in milestones)
+# Head defaults a checkpoint relied on when its head hyper-parameters lack `layer_norm`: every head
+# written since stores all its fields, so only such checkpoints need them to be rebuilt as trained.
+_IMPLICIT_HEAD = {"position_encoding": "sine", "box_embedding": True, "layer_norm": "torch"}
+_RENAMED_HEAD = {"pos_enc": "position_encoding", "use_boxes": "box_embedding"}
+
+
+def head_hparams_from_checkpoint(head: dict[str, Any] | None) -> dict[str, Any]:
+    """A checkpoint's `head` hyper-parameters as today's MCAN config takes them (see _IMPLICIT_HEAD)."""
+    head = dict(head or {"size": "tiny"})
+    if "layer_norm" in head:
+        return head
+    for old, new in _RENAMED_HEAD.items():
+        if old in head:
+            head[new] = head.pop(old)
+    for key, value in _IMPLICIT_HEAD.items():
+        head.setdefault(key, value)
+    if head.get("size", "small") == "large":
+        head.setdefault("heads", 16)
+    return head
 
 
 class VQAModule(pl.LightningModule):
@@ -62,19 +75,37 @@ class VQAModule(pl.LightningModule):
         backbone_weight_decay: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-9,
+        schedule: str = "fraction",
         warmup: float = 3 / 13,
         milestones: Sequence[float] = (10 / 13, 12 / 13),
+        warmup_epochs: int = 3,
+        decay_epochs: Sequence[int] = (10, 12),
         gamma: float = 0.2,
     ) -> None:
+        """`schedule="mcan"`: mcan-vqa's per-epoch schedule (`warmup_epochs`, `decay_epochs`, in epochs);
+        `"fraction"`: the same shape over fractions of the run (`warmup`, `milestones`)."""
         super().__init__()
         if source not in SOURCES:
             raise ConfigError(f"model.source={source!r}: expected one of {SOURCES}")
-        head, backbone, image, milestones, betas = map(to_plain, (head, backbone, image, milestones, betas))
+        if schedule not in VQA_SCHEDULES:
+            raise ConfigError(f"model.schedule={schedule!r}: expected one of {VQA_SCHEDULES}")
+        head, backbone, image, milestones, decay_epochs, betas = map(
+            to_plain, (head, backbone, image, milestones, decay_epochs, betas)
+        )
+        # Every field of the head goes into the checkpoint: a change of defaults cannot alter a saved model.
+        head = dict(head or {"size": "tiny"})
+        head_cfg = mcan_config(**head)
+        head = {"size": head.get("size", "small"), **dataclasses.asdict(head_cfg)}
         answers = list(answers) if answers is not None else _load_answers(answers_path)
         tokenizer_json = tokenizer_json or _load_tokenizer_json(tokenizer_dir)
         self.save_hyperparameters(ignore=["answers_path", "tokenizer_dir", "init_from"])
         # Checkpoints carry the vocabulary and tokenizer themselves, not paths to them.
         self.hparams["answers"], self.hparams["tokenizer_json"] = answers, tokenizer_json
+        self.hparams["head"] = head
+        if image is not None and source == "pixels":
+            # Stored explicit: a checkpoint normalises pixels as its backbone weights record, without them.
+            weights = (backbone or {}).get("weights")
+            self.hparams["image"] = resolve_image_spec(image, weights, prefix="model.image.").to_dict()
         self.answers = answers
         self.tokenizer = tokenizer_from_json(tokenizer_json)
         if num_answers is not None and num_answers != len(answers):
@@ -87,18 +118,24 @@ class VQAModule(pl.LightningModule):
             self.backbone = _build_backbone(dict(backbone))
             shape = self.backbone.output_shape()[backbone_feature]
             visual_dim, self.stride = shape.channels, shape.stride
-            self.backbone.requires_grad_(backbone_trainable)
+            if not backbone_trainable:
+                self.backbone.requires_grad_(False)
+            # Trainable: the stages the backbone froze itself (freeze_at) stay frozen.
         elif visual_dim is None:
             raise ConfigError(f"model.source={source} needs model.visual_dim (the stored feature width)")
         self.head = build_mcan(
-            **dict(head or {"size": "tiny"}),
+            head_cfg,
             num_answers=len(answers),
             visual_dim=int(visual_dim),
             vocab_size=len(self.tokenizer),
             visual_kind="region" if source == "region_h5" else "grid",
+            vocab=self.tokenizer.get_vocab(),  # word -> embedding row, for head.glove_path
             pad_id=self.tokenizer.pad_token_id or 0,
         )
         self.val_acc = VQAAccuracy(per_answer_type=True)
+        from torchmetrics.aggregation import SumMetric
+
+        self.val_no_image = SumMetric()  # validation questions whose image could not be read
         if init_from:
             self.load_vqa_weights(init_from)
 
@@ -138,12 +175,20 @@ class VQAModule(pl.LightningModule):
             self.backbone.eval()  # a frozen backbone keeps eval behaviour (no dropout / BN updates)
         return self
 
+    def on_train_start(self) -> None:
+        # Lightning's fit does not call train(); a module fresh from __init__ is in train mode, where a
+        # frozen backbone with trainable BN would update its statistics. (Here, not in __init__: after
+        # Lightning's check for modules left in eval mode, which would flag this intended one.)
+        if self.backbone is not None and not self.hparams.backbone_trainable:
+            self.backbone.eval()
+
     # -- steps --------------------------------------------------------------------------------------
     def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
         if batch is None:  # every question of the batch had an unreadable image (logged and counted)
             return None
         logits = self(batch)
-        # BCE on soft scores, summed over answers, averaged over questions (bottom-up / MCAN scale).
+        # BCE on soft scores, summed over answers, averaged over questions. mcan-vqa also sums over the
+        # batch (a constant x64): Adam's steps do not change with it, so its learning rates carry over.
         loss = F.binary_cross_entropy_with_logits(logits, batch["target"], reduction="sum") / logits.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
         return loss
@@ -153,6 +198,13 @@ class VQAModule(pl.LightningModule):
 
     def validation_step(self, batch: dict | None, batch_idx: int) -> None:
         if batch is None:
+            return
+        blind = batch.get("blind")
+        if blind:  # no readable image: answered as `evaluate` does (the most frequent answer), still scored
+            n = len(blind["answers"])
+            self.val_acc.update([self.answers[0]] * n, blind["answers"], blind["answer_type"])
+        self.val_no_image.update(float(len(blind["answers"])) if blind else 0.0)  # every rank: compute syncs
+        if "q_ids" not in batch:
             return
         logits = self(batch)
         loss = F.binary_cross_entropy_with_logits(logits, batch["target"], reduction="sum") / logits.shape[0]
@@ -164,7 +216,14 @@ class VQAModule(pl.LightningModule):
         self.log("val/vqa_acc", 100 * out["overall"], prog_bar=True, sync_dist=True)
         for k in ("yes_no", "number", "other"):
             self.log(f"val/vqa_acc_{k}", 100 * out[k], sync_dist=True)
+        no_image = int(self.val_no_image.compute())  # summed over processes already
+        self.log("val/no_image", float(no_image), sync_dist=True)
+        if no_image and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            log.warning("validation: %d of %d questions had no readable image; answered %r without it and "
+                        "scored (every question of the split counts, as in evaluate)", no_image,
+                        int(self.val_acc.count), self.answers[0])
         self.val_acc.reset()
+        self.val_no_image.reset()
 
     # -- optimisation -------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
@@ -182,12 +241,20 @@ class VQAModule(pl.LightningModule):
             ]
         groups = [g for g in groups if g["params"]]
         opt = torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        if hp.schedule == "mcan":
+            warmup_epochs, decay_epochs = int(hp.warmup_epochs), tuple(int(e) for e in hp.decay_epochs)
+
+            def per_epoch(epoch: int) -> float:
+                return mcan_epoch_factor(epoch, warmup_epochs, decay_epochs, hp.gamma)
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, per_epoch)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
         total = max(1, int(self.trainer.estimated_stepping_batches))
 
-        def factor(step: int) -> float:
-            return mcan_lr_factor(step / total, hp.warmup, tuple(hp.milestones), hp.gamma)
+        def per_step(step: int) -> float:
+            return fraction_factor(step / total, hp.warmup, tuple(hp.milestones), hp.gamma)
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, per_step)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def load_vqa_weights(self, path: str) -> None:
@@ -198,7 +265,12 @@ class VQAModule(pl.LightningModule):
                 f"{p}: VQA checkpoint to start from not found (train one with: python -m gridvqa.train "
                 "experiment=frozen)"
             )
-        state = torch.load(p, map_location="cpu", weights_only=True)["state_dict"]
+        from gridvqa.models.safe_load import load_torch_file
+
+        ckpt = load_torch_file(p, "model.init_from checkpoint")  # weights-only: a refused file is one line
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+            raise DataError(f"{p}: model.init_from is not a Lightning VQA checkpoint (no 'state_dict')")
+        state = ckpt["state_dict"]
         state = {k: v for k, v in state.items() if not k.startswith("val_acc.")}
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("val_acc.")]
@@ -234,7 +306,9 @@ def _load_tokenizer_json(directory: str | None) -> str:
         raise ConfigError(
             f"{f}: tokenizer not found (make it with: python -m gridvqa.data.prepare DATA_ROOT)"
         )
-    return f.read_text(encoding="utf-8")
+    from gridvqa.data.text import read_tokenizer_json
+
+    return read_tokenizer_json(f)
 
 
 def tokenizer_from_json(text: str):

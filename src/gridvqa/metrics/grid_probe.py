@@ -4,7 +4,7 @@ For Visual Genome-format annotations (the built-in data or real VG): run a backb
 take the feature cell under each box centre, fit a linear classifier on the first half of the objects
 and score the second half — object class (overall, and for the smaller / larger half of the boxes)
 and top-1 attribute (right when the top-scored attribute is one of the object's). A grid that a VQA
-head can read an object from scores high here; see the README's VG pre-training section.
+head can read an object from scores high here; figures in docs/results.md (VG pre-training recipes).
 
 Hand-written (a few lines of torch L-BFGS): scikit-learn is not a dependency.
 """

@@ -7,6 +7,11 @@ torchvision / timm ImageNet ResNets. The key mappings are pure state-dict -> sta
 every key they do not place is reported. Our backbone is then built for `--arch` and loaded strictly,
 so a wrong arch or a partial checkpoint fails here rather than giving silently wrong features.
 
+The output records, in its safetensors metadata, where the stride sits (`stride_in_1x1`) and the pixel
+normalisation the source was trained with (`pixel_norm`, see `default_pixel_norm`): every loader of the
+file builds its image pipeline from it, so a converted X-101 gets its inputs divided by the ImageNet std
+without any setting.
+
 detectron2 heads follow other conventions than torchvision's detection code (RPN anchors size-major vs
 ratio-major; background class last vs first): that mapping lives with the detector
 (`gridvqa.models.detector.detectron2_heads_to_detector`).
@@ -104,6 +109,18 @@ def detect_source(sd: Mapping[str, torch.Tensor]) -> str:
                       "torchvision `layer1.0.conv1.weight` key")
 
 
+def default_pixel_norm(arch: str, source: str) -> str:
+    """The preset (gridvqa.data.images.PIXEL_NORMS) a checkpoint of `arch` from `source` was trained with.
+
+    detectron2: FAIR's Caffe2 ResNeXts (X-101-32x8d, X-152-32x8d; grid-feats-vqa configs/X-101-grid.yaml
+    sets PIXEL_STD to the ImageNet std) divide by the std, MSRA ResNets (R-*; configs/R-50-grid.yaml keeps
+    detectron2's default std 1) have it folded into conv1. torchvision / timm: RGB 0-1, ImageNet mean/std.
+    """
+    if source == "torchvision":
+        return "imagenet"
+    return "detectron2_x101" if arch.startswith("X-") else "detectron2"
+
+
 @dataclass
 class ConvertResult:
     backbone_path: Path
@@ -113,6 +130,7 @@ class ConvertResult:
     missing: list[str]
     detector_path: Path | None = None
     notes: list[str] = field(default_factory=list)
+    pixel_norm: str = "detectron2"
 
 
 def _detector_heads() -> Callable[[Mapping[str, torch.Tensor]], tuple[StateDict, list[str]]] | None:
@@ -147,12 +165,14 @@ def _check_loads(arch: str, stride_in_1x1: bool, sd: StateDict, allow_missing: b
     return missing
 
 
-def _save(sd: StateDict, path: Path, meta: dict[str, object]) -> None:
-    from gridvqa.models.weights import save_safetensors
+def _save(sd: StateDict, path: Path, meta: dict[str, object], pixel_norm: str) -> None:
+    from gridvqa.data.images import PIXEL_NORMS
+    from gridvqa.models.weights import pixel_norm_metadata, save_safetensors
 
     tensors = {k: v.detach().to(torch.float32).contiguous() if v.is_floating_point() else v.contiguous()
                for k, v in sd.items()}
-    save_safetensors(tensors, path, metadata={"gridvqa": json.dumps(meta)})
+    metadata = {"gridvqa": json.dumps(meta), **pixel_norm_metadata(PIXEL_NORMS[pixel_norm])}
+    save_safetensors(tensors, path, metadata=metadata)
 
 
 def convert(
@@ -164,8 +184,14 @@ def convert(
     allow_missing: bool = False,
     source: str = "auto",
     detector_dst: str | Path | None = None,
+    pixel_norm: str = "auto",
 ) -> ConvertResult:
-    """Convert `src` into our backbone at `dst` (detectron2 sources: also our detector at detector_dst)."""
+    """Convert `src` into our backbone at `dst` (detectron2 sources: also our detector at detector_dst).
+
+    `pixel_norm`: the preset the source was trained with (gridvqa.data.images.PIXEL_NORMS), recorded in
+    the output; `auto` = `default_pixel_norm(arch, source)`.
+    """
+    from gridvqa.data.images import PIXEL_NORMS
     from gridvqa.models.backbone import ARCHS, default_stride_in_1x1
     from gridvqa.models.safe_load import load_state_dict_file
 
@@ -180,8 +206,12 @@ def convert(
     kind = detect_source(sd) if source == "auto" else source
     if kind not in ("detectron2", "torchvision"):
         raise ConfigError(f"--source {source!r} unknown; choose auto, detectron2 or torchvision")
+    if pixel_norm != "auto" and pixel_norm not in PIXEL_NORMS:
+        raise ConfigError(f"--pixel-norm {pixel_norm!r} unknown; choose auto, {', '.join(PIXEL_NORMS)}")
     if stride_in_1x1 is None:
         stride_in_1x1 = default_stride_in_1x1(arch, kind)
+    if pixel_norm == "auto":
+        pixel_norm = default_pixel_norm(arch, kind)
     to_backbone = detectron2_to_backbone if kind == "detectron2" else torchvision_to_backbone
     backbone_sd, unmatched = to_backbone(sd)
     if not backbone_sd:
@@ -189,8 +219,8 @@ def convert(
     missing = _check_loads(arch, stride_in_1x1, backbone_sd, allow_missing, src)
     meta = {"arch": arch, "source": kind, "source_file": src.name, "stride_in_1x1": stride_in_1x1,
             "norm": "FrozenBN"}
-    _save(backbone_sd, dst, {**meta, "content": "backbone"})
-    result = ConvertResult(dst, kind, stride_in_1x1, unmatched, missing)
+    _save(backbone_sd, dst, {**meta, "content": "backbone"}, pixel_norm)
+    result = ConvertResult(dst, kind, stride_in_1x1, unmatched, missing, pixel_norm=pixel_norm)
 
     if kind == "detectron2":
         heads = _detector_heads()
@@ -205,12 +235,13 @@ def convert(
                 default = dst.with_name(f"{dst.stem}.detector{dst.suffix}")
                 det_path = Path(detector_dst) if detector_dst else default
                 det_sd = {**{f"backbone.{k}": v for k, v in backbone_sd.items()}, **head_sd}
-                _save(det_sd, det_path, {**meta, "content": "detector"})
+                _save(det_sd, det_path, {**meta, "content": "detector"}, pixel_norm)
                 result.detector_path = det_path
     return result
 
 
 def _parser() -> argparse.ArgumentParser:
+    from gridvqa.data.images import PIXEL_NORMS
     from gridvqa.models.backbone import ARCHS
 
     p = argparse.ArgumentParser(prog="python -m gridvqa.models.convert", description=__doc__.splitlines()[0])
@@ -225,6 +256,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stride-in-3x3", dest="stride_in_1x1", action="store_false",
                    help="stride in the 3x3 conv (default for X-* and torchvision/timm weights)")
     p.add_argument("--detector-out", default=None, help="detector output (default: DST stem + .detector)")
+    p.add_argument("--pixel-norm", default="auto", choices=["auto", *PIXEL_NORMS],
+                   help="the normalisation the source was trained with, recorded in the output (default: "
+                        "detectron2 X-*: detectron2_x101, R-*: detectron2 (std 1); torchvision: imagenet)")
     return p
 
 
@@ -232,11 +266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         r = convert(args.src, args.dst, args.arch, stride_in_1x1=args.stride_in_1x1,
-                    allow_missing=args.allow_missing, source=args.source, detector_dst=args.detector_out)
+                    allow_missing=args.allow_missing, source=args.source, detector_dst=args.detector_out,
+                    pixel_norm=args.pixel_norm)
     except GridVQAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{args.src} ({r.source}) -> {r.backbone_path} [arch {args.arch}, stride_in_1x1={r.stride_in_1x1}]")
+    print(f"{args.src} ({r.source}) -> {r.backbone_path} [arch {args.arch}, stride_in_1x1={r.stride_in_1x1}, "
+          f"pixel_norm={r.pixel_norm}]")
     if r.detector_path:
         print(f"detector -> {r.detector_path}")
     for note in r.notes:

@@ -34,7 +34,8 @@ class DetectorConfig:
     """Every detector setting; defaults are the grid-feats-vqa / bottom-up recipe at 600x1000 input.
 
     `None` means "the detector kind's default": pooler_resolution 1 (grid) / 14 (c4); sampling_ratio 2 (grid,
-    Base-RCNN-grid) / 0 = adaptive (c4, detectron2 default); smooth_l1_beta 1.0 (grid) / 0.0 = L1 (c4).
+    Base-RCNN-grid) / 0 = adaptive (c4, detectron2 default); smooth_l1_beta 1.0 (grid) / 0.0 = L1 (c4,
+    detectron2 default). grid-feats-vqa's Base-RCNN-updn sets 2 and 1.0 for C4 (pretrain_vg_c4_paper does).
     """
 
     # RPN

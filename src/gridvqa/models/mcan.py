@@ -4,6 +4,10 @@ question ids -> text encoder -> L x SA ------------------------------> AttFlat -
                                         | final question features          |    LayerNorm(sum) -> answers
 visual feats -> VisualEmbed -> L x SGA (self-att, guided-att, FFN) ---> AttFlat --+
 
+The defaults are MCAN as published (MILVLG/mcan-vqa core/model/net.py, mca.py): the projected visual
+features get nothing added, and LayerNorm is mcan-vqa's. Additions are named config fields, off unless
+asked for: `position_encoding` (grid cells), `box_embedding` (region boxes), `layer_norm="torch"`.
+
 Blocks are post-norm residual, LayerNorm(x + dropout(sublayer(x))), as in MCAN. Attention is
 torch's nn.MultiheadAttention: it runs F.scaled_dot_product_attention when weights are not asked for
 and returns head-averaged weights when they are (for the attention pictures), so there is no
@@ -26,11 +30,13 @@ from gridvqa.errors import ConfigError
 from gridvqa.models.text_encoder import build_text_encoder
 
 _POS_ENCS = ("sine", "learned", "none")
+LAYER_NORMS = ("mcan", "torch")
 
 
 @dataclass(frozen=True)
 class MCANConfig:
-    """Sizes default to MCAN-small; text and visual-input options sit here too so one config builds all."""
+    """Sizes default to MCAN-small (mcan-vqa cfgs/small_model.yml); text and visual-input options sit
+    here too so one config builds all."""
 
     hidden: int = 512
     layers: int = 6
@@ -46,22 +52,28 @@ class MCANConfig:
     glove_path: str | None = None
     text_model_path: str | None = None
     freeze_text: bool = False
-    # Grid position encoding. "sine" (default): fixed 2-D sine of the cell centre normalised by the
-    # image's own grid size, so it has no size limit and "left half" means the same thing at every
-    # input resolution (grids change size with the image). "learned": row + column embeddings indexed
-    # by absolute cell (at most max_grid). "none": the paper's MCAN-on-grid setting.
-    pos_enc: str = "sine"
+    # Addition, grid tokens: a position encoding added to the projected cells. "none" (MCAN: nothing is
+    # added). "sine": fixed 2-D sine of the cell centre normalised by the image's own grid size, so it
+    # has no size limit and "left half" means the same thing at every input resolution (grids change
+    # size with the image). "learned": row + column embeddings indexed by absolute cell (at most max_grid).
+    position_encoding: str = "none"
     max_grid: int = 64
-    # Region tokens: add a linear embedding of (x1, y1, x2, y2, area), normalised to [0, 1].
-    use_boxes: bool = True
+    # Addition, region tokens: add a linear embedding of (x1, y1, x2, y2, area), normalised to [0, 1]
+    # (MCAN: no box information).
+    box_embedding: bool = False
+    # "mcan": mcan-vqa's LayerNorm (core/model/net_utils.py), a*(x-mean)/(std+1e-6)+b with the unbiased
+    # std. "torch": nn.LayerNorm, (x-mean)/sqrt(biased var+1e-5) (a fused kernel).
+    layer_norm: str = "mcan"
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
             raise ConfigError(f"MCAN: hidden {self.hidden} is not divisible by heads {self.heads}")
-        if self.pos_enc not in _POS_ENCS:
-            raise ConfigError(f"MCAN: pos_enc {self.pos_enc!r} is not one of {_POS_ENCS}")
-        if self.pos_enc == "sine" and self.hidden % 4:
+        if self.position_encoding not in _POS_ENCS:
+            raise ConfigError(f"MCAN: position_encoding {self.position_encoding!r} is not one of {_POS_ENCS}")
+        if self.position_encoding == "sine" and self.hidden % 4:
             raise ConfigError(f"MCAN: sine position encoding needs hidden % 4 == 0, got {self.hidden}")
+        if self.layer_norm not in LAYER_NORMS:
+            raise ConfigError(f"MCAN: layer_norm {self.layer_norm!r} is not one of {LAYER_NORMS}")
         if min(self.hidden, self.layers, self.heads, self.ffn, self.flat_mlp, self.flat_glimpses,
                self.flat_out, self.word_dim, self.max_grid) <= 0:
             raise ConfigError(f"MCAN: sizes must be positive: {self}")
@@ -70,10 +82,12 @@ class MCANConfig:
 
 
 MCAN_SIZES: dict[str, MCANConfig] = {
+    # Ours, for CPU runs: not an MCAN size.
     "tiny": MCANConfig(hidden=128, layers=2, heads=4, ffn=512, flat_mlp=128, flat_out=256),
-    "small": MCANConfig(),
-    # The paper's large model: d = 1024, 16 heads of 64 (the released MCAN code keeps 8 heads).
-    "large": MCANConfig(hidden=1024, heads=16, ffn=4096, flat_out=2048),
+    # mcan-vqa cfgs/small_model.yml (FF_SIZE = 4 x HIDDEN_SIZE in cfgs/base_cfgs.py).
+    "small": MCANConfig(hidden=512, layers=6, heads=8, ffn=2048, flat_mlp=512, flat_out=1024),
+    # mcan-vqa cfgs/large_model.yml: 8 heads of 128.
+    "large": MCANConfig(hidden=1024, layers=6, heads=8, ffn=4096, flat_mlp=512, flat_out=2048),
 }
 
 
@@ -90,7 +104,39 @@ def mcan_config(size: str | MCANConfig = "small", **overrides: Any) -> MCANConfi
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ConfigError(f"MCAN: unknown config fields {unknown} (known: {sorted(names)})")
+    for key in ("glove_path", "text_model_path"):
+        if isinstance(overrides.get(key), os.PathLike):
+            overrides[key] = os.fspath(overrides[key])
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class MCANLayerNorm(nn.Module):
+    """mcan-vqa's LayerNorm (core/model/net_utils.py): weight * (x - mean) / (std + eps) + bias, with the
+    unbiased std and eps outside the root. Parameter names as nn.LayerNorm's."""
+
+    def __init__(self, size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32 under bf16/fp16 autocast, as nn.LayerNorm does there (8 bits of mantissa
+        # make a poor std); the output stays float32 like nn.LayerNorm's, keeping the residual stream.
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        mean = x.mean(-1, keepdim=True)
+        std = x.std(-1, keepdim=True)
+        return self.weight * (x - mean) / (std + self.eps) + self.bias
+
+
+def layer_norm(kind: str, size: int) -> nn.Module:
+    """The LayerNorm named by `MCANConfig.layer_norm`."""
+    if kind == "mcan":
+        return MCANLayerNorm(size)
+    if kind == "torch":
+        return nn.LayerNorm(size)
+    raise ConfigError(f"MCAN: layer_norm {kind!r} is not one of {LAYER_NORMS}")
 
 
 def _nonempty(mask: torch.Tensor) -> torch.Tensor:
@@ -128,7 +174,7 @@ class SA(nn.Module):
         self.att = Attention(cfg.hidden, cfg.heads, cfg.dropout)
         self.ffn = _ffn(cfg.hidden, cfg.ffn, cfg.dropout)
         self.drop1, self.drop2 = nn.Dropout(cfg.dropout), nn.Dropout(cfg.dropout)
-        self.norm1, self.norm2 = nn.LayerNorm(cfg.hidden), nn.LayerNorm(cfg.hidden)
+        self.norm1, self.norm2 = (layer_norm(cfg.layer_norm, cfg.hidden) for _ in range(2))
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor, need_weights: bool = False
@@ -148,7 +194,7 @@ class SGA(nn.Module):
         self.guided_att = Attention(cfg.hidden, cfg.heads, cfg.dropout)
         self.ffn = _ffn(cfg.hidden, cfg.ffn, cfg.dropout)
         self.drop1, self.drop2, self.drop3 = (nn.Dropout(cfg.dropout) for _ in range(3))
-        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.hidden) for _ in range(3))
+        self.norm1, self.norm2, self.norm3 = (layer_norm(cfg.layer_norm, cfg.hidden) for _ in range(3))
 
     def forward(
         self,
@@ -237,7 +283,7 @@ def _grid_hw_tensor(grid_hw: Any, batch: int, device: torch.device) -> torch.Ten
 
 
 class VisualEmbed(nn.Module):
-    """Visual features -> hidden-width tokens + mask, with grid positions or box geometry added.
+    """Visual features -> hidden-width tokens + mask; grid positions or box geometry added when asked.
 
     kind="grid": a map [B, C, h, w] (mask [B, h, w] or [B, h*w] for images padded into one map, valid
     cells top-left) or flattened tokens [B, N, C] (mask [B, N]; `grid_hw` (h, w) or [B, 2] gives each
@@ -250,23 +296,23 @@ class VisualEmbed(nn.Module):
         kind: str,
         in_dim: int,
         hidden: int,
-        pos_enc: str = "sine",
+        position_encoding: str = "none",
         max_grid: int = 64,
-        use_boxes: bool = True,
+        box_embedding: bool = False,
     ) -> None:
         super().__init__()
         if kind not in ("grid", "region"):
             raise ConfigError(f"visual kind {kind!r} is not 'grid' or 'region'")
-        if pos_enc not in _POS_ENCS:
-            raise ConfigError(f"pos_enc {pos_enc!r} is not one of {_POS_ENCS}")
+        if position_encoding not in _POS_ENCS:
+            raise ConfigError(f"position_encoding {position_encoding!r} is not one of {_POS_ENCS}")
         self.kind, self.in_dim, self.hidden = kind, in_dim, hidden
-        self.pos_enc = pos_enc if kind == "grid" else "none"
+        self.pos_enc = position_encoding if kind == "grid" else "none"
         self.max_grid = max_grid
         self.proj = nn.Linear(in_dim, hidden)
         if self.pos_enc == "learned":
             self.row_embed = nn.Embedding(max_grid, hidden)
             self.col_embed = nn.Embedding(max_grid, hidden)
-        self.box_proj = nn.Linear(5, hidden) if kind == "region" and use_boxes else None
+        self.box_proj = nn.Linear(5, hidden) if kind == "region" and box_embedding else None
 
     def forward(
         self,
@@ -374,12 +420,12 @@ class MCAN(nn.Module):
             freeze=cfg.freeze_text,
         )
         self.visual = VisualEmbed(
-            visual_kind, visual_dim, cfg.hidden, cfg.pos_enc, cfg.max_grid, cfg.use_boxes
+            visual_kind, visual_dim, cfg.hidden, cfg.position_encoding, cfg.max_grid, cfg.box_embedding
         )
         self.backbone = MCAEncoderDecoder(cfg)
         flat = (cfg.hidden, cfg.flat_mlp, cfg.flat_glimpses, cfg.flat_out, cfg.dropout)
         self.flat_q, self.flat_v = AttFlat(*flat), AttFlat(*flat)
-        self.norm = nn.LayerNorm(cfg.flat_out)
+        self.norm = layer_norm(cfg.layer_norm, cfg.flat_out)
         self.classifier = nn.Linear(cfg.flat_out, num_answers)
 
     def forward(
@@ -420,9 +466,6 @@ def build_mcan(
     pad_id: int = 0,
     **overrides: Any,
 ) -> MCAN:
-    """Hydra-friendly builder: a named size plus field overrides (e.g. `layers=2, pos_enc="none"`)."""
-    for key in ("glove_path", "text_model_path"):
-        if isinstance(overrides.get(key), os.PathLike):
-            overrides[key] = os.fspath(overrides[key])
+    """Hydra-friendly builder: a named size plus field overrides (`layers=2, position_encoding="sine"`)."""
     cfg = mcan_config(size, **overrides)
     return MCAN(cfg, num_answers, visual_dim, vocab_size, visual_kind, vocab, pad_id)

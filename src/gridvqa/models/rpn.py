@@ -96,6 +96,20 @@ class BoundaryRPN(RegionProposalNetwork):
                 lab[~inside] = -1.0
         return labels, matched
 
+    def compute_loss(
+        self,
+        objectness: Tensor,
+        pred_bbox_deltas: Tensor,
+        labels: list[Tensor],
+        regression_targets: list[Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        # With every anchor ignored (all cross the border of small images) torchvision's mean over no anchors
+        # is NaN; detectron2 normalises by the sampling budget instead and gets zero.
+        if not any(bool((lab >= 0).any()) for lab in labels):
+            zero = objectness.sum() * 0.0 + pred_bbox_deltas.sum() * 0.0
+            return zero, zero
+        return super().compute_loss(objectness, pred_bbox_deltas, labels, regression_targets)
+
 
 def build_rpn(
     in_channels: int,

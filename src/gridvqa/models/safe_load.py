@@ -12,6 +12,7 @@ import collections
 import io
 import os
 import pickle
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -20,11 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from gridvqa.errors import DataError
+from gridvqa.errors import ConfigError, DataError
+
+WHY_REFUSED = "only tensors and plain containers are read: unpickling other objects can run code"
 
 
-class UnsafePickleError(DataError):
-    """A pickle asks for a global (a callable) outside the numpy/OrderedDict allow-list."""
+class UnsafePickleError(DataError, pickle.UnpicklingError):
+    """A pickle asks for a global (a callable) outside the allow-list; nothing from it ran. Still a
+    pickle.UnpicklingError, as torch's own weights-only refusal is, for callers that catch that."""
 
 
 def _numpy_core(name: str) -> Any:
@@ -78,23 +82,74 @@ def _torch_safe_numpy_globals() -> list[Any]:
     return [_numpy_core("_reconstruct"), _numpy_core("scalar"), np.ndarray, np.dtype, *dtypes]
 
 
-def _load_pickled(p: Path) -> Any:
-    if zipfile.is_zipfile(p):
-        try:
-            with torch.serialization.safe_globals(_torch_safe_numpy_globals()):
-                return torch.load(p, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            reason = next((ln.strip() for ln in str(e).splitlines() if "global" in ln.lower()), str(e))
-            raise UnsafePickleError(f"{p}: refused by torch's weights-only loader: {reason}") from None
-        except (RuntimeError, EOFError, ValueError) as e:
-            raise DataError(f"{p}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
+def refusal_reason(err: BaseException) -> str:
+    """What torch's weights-only loader refused, in a few words (its own message spans many lines)."""
+    text = str(err)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it holds {found.group(1)}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return next((ln for ln in lines if "unsupported" in ln.lower()), lines[-1] if lines else "")
+
+
+def _is_legacy_torch_file(p: Path) -> bool:
+    """Whether `p` starts like torch.save's legacy (non-zip) format: its pickled magic number first."""
+    starts = [pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=k) for k in range(2, 6)]
     try:
-        with warnings.catch_warnings():
+        with p.open("rb") as f:
+            head = f.read(max(map(len, starts)))
+    except OSError:
+        return False
+    return any(head.startswith(s) for s in starts)
+
+
+def load_torch_file(
+    path: str | os.PathLike,
+    what: str = "torch checkpoint",
+    safe_globals: list[Any] | None = None,
+    mmap: bool = False,
+    map_location: Any = "cpu",
+) -> Any:
+    """`torch.load(path, weights_only=True)` with one-line errors: ConfigError (no such file),
+    UnsafePickleError (the file holds objects the weights-only loader refuses; nothing from it ran) or
+    DataError (unreadable).
+
+    `safe_globals`: classes admitted besides tensors and plain containers. `mmap`: map zip files instead
+    of reading them (a cheap check of a large checkpoint). `map_location`: as torch.load's.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: {what} not found")
+    is_zip = zipfile.is_zipfile(p)
+    kind = what if is_zip else f"{what} (legacy non-zip torch file)"
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(safe_globals or []):
             warnings.simplefilter("ignore")  # torch warns about pickle protocols it was not written with
-            return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - any failure means "not a legacy torch file"; nothing ran
-        pass  # e.g. a plain pickle of numpy arrays: try the restricted unpickler
-    try:
+            return torch.load(p, map_location=map_location, weights_only=True, mmap=mmap and is_zip)
+    except pickle.UnpicklingError as e:
+        if not is_zip and not _is_legacy_torch_file(p):
+            raise DataError(f"{p}: not a torch file (neither torch.save's zip nor legacy format)") from None
+        raise UnsafePickleError(f"{p}: refused to load this {kind}: {refusal_reason(e)} ({WHY_REFUSED})"
+                                ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, KeyError) as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise DataError(f"{p}: not a readable {kind} ({first})") from None
+
+
+def check_resume_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> None:
+    """Fail before training starts, in one line, when `path` cannot be resumed from: missing, unreadable,
+    or holding objects the weights-only loader refuses (zip files are mapped, not read)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}={path}: checkpoint to resume from not found")
+    ckpt = load_torch_file(path, f"checkpoint to resume from ({key})", mmap=True)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise DataError(f"{key}={path}: not a Lightning checkpoint (no 'state_dict')")
+
+
+def _load_pickled(p: Path) -> Any:
+    if zipfile.is_zipfile(p) or _is_legacy_torch_file(p):
+        return load_torch_file(p, "torch checkpoint", _torch_safe_numpy_globals())
+    try:  # e.g. a plain pickle of numpy arrays (detectron2 model zoo)
         with p.open("rb") as f:
             return RestrictedUnpickler(f, p).load()
     except UnsafePickleError:
@@ -108,7 +163,7 @@ def _unwrap(obj: Any, p: Path) -> dict[str, Any]:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             return obj[key]
     if not isinstance(obj, dict):
-        raise DataError(f"{p}: expected a state dict (a dict of tensors), found {type(obj).__name__}")
+        raise DataError(f"{p}: holds a {type(obj).__name__}, expected a state dict (a dict of tensors)")
     return obj
 
 

@@ -1,7 +1,8 @@
 """Question encoders for the VQA head: both return (token features [B, T, H], mask [B, T], True = valid).
 
 - `LSTMTextEncoder`: MCAN's word embeddings (300-d, optionally initialised from a local GloVe-format
-  text file) followed by a single-layer LSTM to the head's hidden size.
+  text file: `model.head.glove_path`; VQAModule hands the tokenizer's vocabulary over) followed by a
+  single-layer LSTM to the head's hidden size.
 - `HFTextEncoder`: any local transformers encoder directory plus a linear projection to hidden.
   transformers is imported only when this branch is built.
 """
@@ -119,6 +120,11 @@ class LSTMTextEncoder(nn.Module):
         self.lstm = nn.LSTM(word_dim, hidden, num_layers=1, batch_first=True)
         self.glove_found: int | None = None
         if glove_path is not None:
+            if not Path(glove_path).is_file():
+                raise ConfigError(
+                    f"{glove_path}: GloVe vectors file not found (model.head.glove_path: a local text "
+                    f"file, a word and {word_dim} numbers a line, e.g. glove.840B.300d.txt; null: no GloVe)"
+                )
             if vocab is None:
                 raise ConfigError(f"{glove_path}: GloVe init needs the tokenizer vocabulary (word -> id)")
             self.glove_found = init_embedding_from_glove(self.embed, glove_path, vocab)
@@ -142,8 +148,8 @@ class HFTextEncoder(nn.Module):
             raise ConfigError(f"{p}: transformers text encoder directory not found (local paths only)")
         from transformers import AutoModel  # heavy: only when this branch is used
 
-        try:
-            self.model = AutoModel.from_pretrained(str(p), local_files_only=True)
+        try:  # trust_remote_code=False: a folder that ships its own model code is refused, never run or asked
+            self.model = AutoModel.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError(f"{p}: cannot load a transformers model: {msg}") from None

@@ -140,18 +140,12 @@ def _h5_grid_geometry(
     reader: GridFeatures, grid_hw: tuple[int, int], orig_hw: tuple[int, int]
 ) -> GridGeometry:
     """Cell placement of a stored grid from the extractor's provenance (resize rule, output stride)."""
-    from gridvqa.data.images import shortest_edge_size
+    from gridvqa.data.images import resize_from_text
 
     prov = reader.provenance
     resize, stride = str(prov.get("resize", "")), prov.get("output_stride")
-    fixed = re.fullmatch(r"fixed (\d+)x(\d+)", resize)
-    short = re.fullmatch(r"shortest (\d+), max (\d+|None)", resize)
-    resized = None
-    if fixed:
-        resized = (int(fixed[1]), int(fixed[2]))
-    elif short:
-        cap = None if short[2] == "None" else int(short[2])
-        resized = shortest_edge_size(orig_hw[0], orig_hw[1], int(short[1]), cap)
+    rule = resize_from_text(resize)
+    resized = rule.output_size(*orig_hw) if rule is not None else None
     if resized and stride and GridGeometry.expected_grid(resized, stride) == tuple(grid_hw):
         return GridGeometry(grid_hw, orig_hw, resized, stride)
     log.warning("%s: resize rule %r / stride %r do not explain a %s grid; spreading cells evenly",

@@ -1,0 +1,5 @@
+import sys
+
+from gridvqa.reproduce import main
+
+sys.exit(main())
