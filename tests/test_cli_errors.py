@@ -451,26 +451,3 @@ def test_evaluate_keeps_the_score_when_the_results_file_cannot_be_written(tiny_s
     assert res.write_error == f"{tmp_path / 'r.json'}: results file not written (No space left on device)"
 
 
-def test_lightnings_weights_only_notice_is_dropped(tmp_path):
-    """Lightning says "`weights_only` was not set, defaulting to `False`" when a checkpoint is saved
-    without it: that is about what is saved, not how it is loaded (always weights-only here)."""
-    import logging
-
-    from gridvqa.lit.checkpoint_io import AtomicCheckpointIO
-
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda r: records.append(r.getMessage())
-    logger = logging.getLogger("pytorch_lightning.trainer.connectors.checkpoint_connector")
-    logger.addHandler(handler)
-    try:
-        model = Tiny()
-        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, max_steps=1,
-                             enable_model_summary=False, default_root_dir=tmp_path,
-                             plugins=[AtomicCheckpointIO()])
-        trainer.fit(model)
-        trainer.save_checkpoint(tmp_path / "a.ckpt")
-        logger.info("still heard")
-    finally:
-        logger.removeHandler(handler)
-    assert records == ["still heard"]
