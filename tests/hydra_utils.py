@@ -34,3 +34,15 @@ def compose_cfg(
         if data_root is not None:
             cfg.paths.data_root = str(data_root)
     return cfg
+
+
+def compose_choices(
+    overrides: list[str], config_name: str = "train", config_dir: Path | None = None
+) -> dict[str, str | None]:
+    """The config group choices Hydra made for `overrides` (hydra.runtime.choices: group -> option), from
+    conf/ or another `config_dir`."""
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir or conf_dir()), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    return dict(cfg.hydra.runtime.choices)

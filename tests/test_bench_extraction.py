@@ -36,8 +36,9 @@ def test_script_is_the_library_entry_point():
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert script.returncode == module.returncode == 0, script.stderr + module.stderr
-    flags = ("--arch", "--size", "--images", "--device", "--batch", "--workers", "--precision",
-             "--res5-dilation", "--proposals", "--flops", "--no-breakdown", "--json")  # fmt: skip
+    flags = ("--arch", "--size", "--images", "--device", "--batch", "--backbone-batches", "--workers",
+             "--precision", "--res5-dilation", "--proposals", "--extract-override", "--flops",
+             "--no-breakdown", "--json")  # fmt: skip
     for flag in flags:
         assert flag in script.stdout, flag
     assert script.stdout.split("options:")[1] == module.stdout.split("options:")[1]
@@ -49,14 +50,26 @@ def run(bench, tmp_path: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_rows_breakdown_and_ratios(bench, tmp_path, capsys):
-    record = run(bench, tmp_path, "--images", "3", "--workers", "1", "--proposals", "50")
+def test_rows_per_precision_breakdown_and_ratios(bench, tmp_path, capsys):
+    record = run(
+        bench, tmp_path, "--images", "3", "--workers", "1", "--proposals", "50",
+        "--precision", "float32", "bfloat16", "--backbone-batches", "2", "1",
+    )  # fmt: skip
     text = capsys.readouterr().out
     res, parts = record["results"], record["breakdown"]
-    # the rows other scripts read keep their names; the breakdown stays out of them
+    # the rows other scripts read keep their names (the first precision's); the breakdown stays out of them
     assert list(res) == ["backbone", "grid", "region@50"]
     assert list(parts) == ["loader", "compute", "writer"]
-    for r in [*res.values(), *parts.values()]:
+    assert list(record["precisions"]) == ["float32", "bfloat16"]
+    assert record["precisions"]["float32"]["results"] == res
+    for p in record["precisions"].values():
+        assert list(p["results"]) == ["backbone", "grid", "region@50"]
+        for r in p["results"].values():
+            assert r["images"] == 3 and r["seconds"] > 0 and r["images_per_s"] > 0
+            assert r["peak_memory_mb"] is None  # a CPU: no device memory figure
+        sweep = p["results"]["backbone"]["sweep"]
+        assert list(sweep) == ["1", "2"] and p["results"]["backbone"]["images_per_s"] == max(sweep.values())
+    for r in parts.values():
         assert r["images"] == 3 and r["seconds"] > 0 and r["images_per_s"] > 0
     assert res["grid"]["close_seconds"] >= 0 and res["region@50"]["res5_regions_per_image"] == 50
     loader = parts["loader"]
@@ -65,9 +78,24 @@ def test_rows_breakdown_and_ratios(bench, tmp_path, capsys):
     assert writer["grid_shape"] == [2, 3, 256] and writer["dtype"] == "float16"  # stride 32 by default
     assert writer["add_seconds"] + writer["commit_seconds"] == pytest.approx(writer["seconds"])
     assert writer["megabytes"] == pytest.approx(3 * 2 * 3 * 256 * 2 / 1e6)
-    for name in ("loader", "compute", "writer", "where the grid run's time goes", "region@50 / grid"):
-        assert name in text
-    assert "main thread compute" in text and "output stride 32" in text
+
+    ratios = record["ratios"]
+    for precision in ("float32", "bfloat16"):
+        rows, r = record["precisions"][precision]["results"], ratios[precision]
+        assert r["grid_over_backbone"] == pytest.approx(
+            rows["grid"]["images_per_s"] / rows["backbone"]["images_per_s"]
+        )
+        grid_t = rows["grid"]["seconds"] / 3
+        assert r["region@50_over_grid"] == pytest.approx(rows["region@50"]["seconds"] / 3 / grid_t)
+    bf16 = record["precisions"]["bfloat16"]["results"]
+    assert ratios["bfloat16_over_float32"]["grid"] == pytest.approx(
+        bf16["grid"]["images_per_s"] / res["grid"]["images_per_s"]
+    )
+    assert record["options"]["preprocess"] == "workers" and record["environment"]["device"] == "cpu"
+    for name in ("loader", "compute", "writer", "where the grid run's time goes", "region@50 / grid",
+                 "ratios, bfloat16", "bfloat16 / float32 throughput", "main thread compute",
+                 "output stride 32"):  # fmt: skip
+        assert name in text, name
     assert list(bench_ratios(record)) == ["region@50"]
     assert "loader" not in extraction_markdown(record)
 
@@ -77,11 +105,20 @@ def test_stride_16_and_no_region_rows(bench, tmp_path, capsys):
     assert list(record["results"]) == ["backbone", "grid"]
     assert record["breakdown"]["writer"]["grid_shape"] == [4, 6, 256]
     assert record["args"]["res5_dilation"] == 2 and "output stride 16" in capsys.readouterr().out
+    assert "bfloat16_over_float32" not in record["ratios"]
 
 
 def test_no_breakdown(bench, tmp_path):
     record = run(bench, tmp_path, "--images", "1", "--workers", "0", "--proposals", "--no-breakdown")
     assert "breakdown" not in record and list(record["results"]) == ["backbone", "grid"]
+
+
+def test_rate_after_the_loader_start_up_skips_each_workers_first_batch(bench):
+    done_at = [(1.0, 2), (1.1, 2), (2.1, 2), (3.1, 1)]  # (time after a batch, its images)
+    after = bench._after_startup(done_at, workers=2)
+    assert after["after_startup_images"] == 3 and after["after_startup_images_per_s"] == pytest.approx(1.5)
+    assert bench._after_startup(done_at, workers=0)["after_startup_images"] == 5  # one batch at least
+    assert bench._after_startup(done_at[:2], workers=2) == {}
 
 
 def _stored(path: Path, grid: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -9,11 +9,15 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig
 
 from gridvqa.cli import run_task
 from gridvqa.config_checks import (
@@ -89,6 +93,10 @@ def test_good_configs_pass(tiny_shapes, tmp_path):
     ("num_workers=-1", "num_workers=-1: expected an integer >= 0"),
     ("dtype=int8", "dtype=int8: expected one of float16 | float32"),
     ("image_size=null", "image_size=null needs short=S"),
+    ("preprocess=gpu", "preprocess=gpu: expected one of auto | workers | device"),
+    ("merge=yes", "merge=yes: expected one of auto | only | off"),
+    ("shards=0", "shards=0: expected an integer >= 1"),
+    ("shard=-1", "shard=-1: expected an integer >= 0"),
 ])
 def test_extract_config_values(tiny_shapes, tmp_path, override, message):
     cfg = compose_cfg([override], tiny_shapes, tmp_path / "run", config_name="extract")
@@ -340,6 +348,61 @@ def test_unwritable_publish_path_fails_before_training(tmp_path):
         fit(tmp_path, bad, max_steps=2, enable_checkpointing=False)
 
 
+DDP_PUBLISH = textwrap.dedent("""
+    import sys
+    import pytorch_lightning as pl
+    import torch
+    from gridvqa.lit.callbacks import PublishCheckpoint
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def train_dataloader(self):
+            data = torch.utils.data.TensorDataset(torch.randn(8, 2))
+            return torch.utils.data.DataLoader(data, batch_size=2)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    if __name__ == "__main__":
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, fast_dev_run=True,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=sys.argv[2], callbacks=[PublishCheckpoint(sys.argv[1])])
+        trainer.fit(Tiny())
+        open(f"{sys.argv[2]}/finished_rank{trainer.global_rank}", "w").close()
+""")
+
+
+@pytest.mark.slow
+def test_ddp_fast_dev_run_publishes_from_rank_zero(tmp_path):
+    """No checkpoint file to copy (fast_dev_run saves none): the model is saved with every rank taking part
+    in Trainer.save_checkpoint, not by rank 0 alone waiting for the others at its barrier."""
+    script = tmp_path / "ddp_publish.py"
+    script.write_text(DDP_PUBLISH)
+    published = tmp_path / "artifacts" / "model.ckpt"
+    (tmp_path / "run").mkdir()
+
+    def run_ddp() -> None:
+        proc = subprocess.run([sys.executable, str(script), str(published), str(tmp_path / "run")],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for rank in (0, 1):
+            (tmp_path / "run" / f"finished_rank{rank}").unlink()  # both processes got to the end
+
+    run_ddp()
+    assert load_torch_file(published)["state_dict"]
+    assert [p.name for p in published.parent.iterdir()] == ["model.ckpt"]  # no temporary file left
+    published.write_bytes(b"the real model")
+    run_ddp()  # now there is a model: a debug run keeps it
+    assert published.read_bytes() == b"the real model"
+
+
 # ---------------------------------------------------------------------------------------------------
 # real entry points (subprocesses; each fails in its checks, before any model is built)
 
@@ -451,3 +514,89 @@ def test_evaluate_keeps_the_score_when_the_results_file_cannot_be_written(tiny_s
     assert res.write_error == f"{tmp_path / 'r.json'}: results file not written (No space left on device)"
 
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run folder Hydra makes (paths.log_dir, hydra.run.dir / hydra.sweep.dir) is checked before it is made
+
+
+@contextmanager
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder nobody can write into: mode 0o555, or for root (whom modes do not stop) immutable."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    immutable = False
+    try:
+        if os.access(ro, os.W_OK):
+            chattr = shutil.which("chattr")
+            immutable = bool(chattr) and subprocess.run([chattr, "+i", str(ro)]).returncode == 0
+            if not immutable:
+                pytest.skip("running as root without chattr +i: no folder here is read-only")
+        yield ro
+    finally:
+        if immutable:
+            subprocess.run([shutil.which("chattr"), "-i", str(ro)], check=True)
+        ro.chmod(0o755)
+
+
+def hydra_config(overrides: list[str], root: Path, config_name: str = "train") -> DictConfig:
+    """The composed config with its `hydra` node, as Hydra hands it to callbacks before a run."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from gridvqa.config import conf_dir, register_resolvers
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose(config_name, overrides=[f"paths.root_dir={root}", *overrides],
+                       return_hydra_config=True)
+
+
+def test_run_folder_check_names_the_key_and_why(tmp_path):
+    from gridvqa.hydra_callbacks import check_output_dir
+
+    bad = unwritable(tmp_path)
+    cfg = hydra_config([f"paths.log_dir={bad}"], tmp_path)
+    why = f"cannot be written: {tmp_path}/file.txt is a file, not a folder$"
+    with pytest.raises(ConfigError, match=f"^paths.log_dir={bad}: {why}"):
+        check_output_dir(cfg, "hydra.run.dir")
+    with pytest.raises(ConfigError, match=f"^paths.log_dir={bad}: cannot be written"):
+        check_output_dir(cfg, "hydra.sweep.dir")  # a sweep's folder is under paths.log_dir too
+    cfg = hydra_config([f"hydra.run.dir={bad}/mine"], tmp_path)  # outside paths.log_dir
+    with pytest.raises(ConfigError, match=f"^hydra.run.dir={bad}/mine: cannot be written"):
+        check_output_dir(cfg, "hydra.run.dir")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "evaluate").write_text("a file where the task's runs go")
+    cfg = hydra_config([], tmp_path, config_name="evaluate")
+    with pytest.raises(ConfigError, match=f"^hydra.run.dir={tmp_path}/logs/evaluate/runs/[0-9_-]+: cannot be "
+                                          f"written: {tmp_path}/logs/evaluate is a file"):
+        check_output_dir(cfg, "hydra.run.dir")
+    cfg = hydra_config([], tmp_path)
+    check_output_dir(cfg, "hydra.run.dir")
+    check_output_dir(cfg, "hydra.sweep.dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "logs"]  # checking makes nothing
+    assert [p.name for p in (tmp_path / "logs").iterdir()] == ["evaluate"]
+
+
+def test_cli_unwritable_run_folder(tiny_shapes, tmp_path):
+    bad = unwritable(tmp_path)
+    why = f"cannot be written: {tmp_path}/file.txt is a file, not a folder"
+    proc = cli("train", f"data_root={tiny_shapes}", f"paths.log_dir={bad}", root=tmp_path)
+    assert_one_line(proc, f"paths.log_dir={bad}: {why}")
+    proc = cli("extract", f"data_root={tiny_shapes}", f"hydra.run.dir={bad}/run", root=tmp_path)
+    assert_one_line(proc, f"hydra.run.dir={bad}/run: {why}")
+    proc = cli("visualize", "-m", f"data_root={tiny_shapes}", f"hydra.sweep.dir={bad}/sweep", "num=1,2",
+               root=tmp_path)
+    assert_one_line(proc, f"hydra.sweep.dir={bad}/sweep: {why}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+    assert (tmp_path / "file.txt").read_text() == "keep me"
+
+
+def test_cli_read_only_log_dir(tiny_shapes, tmp_path):
+    with read_only_folder(tmp_path) as ro:
+        proc = cli("evaluate", f"data_root={tiny_shapes}", f"paths.log_dir={ro}/logs", root=tmp_path)
+        assert_one_line(proc, f"paths.log_dir={ro}/logs: cannot be written: {ro} is not writable "
+                              r"\(permissions or a read-only file system\)")
+        assert not list(ro.iterdir())

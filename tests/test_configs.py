@@ -34,7 +34,8 @@ def test_experiment_composes_and_resolves(name, vocab_root, tiny_shapes):
 @pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n.startswith("paper_") and "region" not in n
                                   and "frozen_x152" not in n])
 def test_paper_heads_keep_mcan_sizes(name, vocab_root):
-    """The paper-scale files inherit the CPU experiments; their head must still be the published MCAN."""
+    """The pixel paper files share their setting with the CPU experiments; their head is still MCAN's own
+    size (FFN 4 x hidden, dropout 0.1), none of the CPU size's."""
     cfg = compose_cfg([f"experiment={name}"], vocab_root)
     head = OmegaConf.to_container(cfg.model.head, resolve=True)
     built = mcan_config(**head)

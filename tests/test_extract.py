@@ -141,9 +141,9 @@ def test_grid_stored_shapes_and_values_match_a_direct_backbone_forward(data, art
             assert tuple(got["image_size"]) == (h0, w0)
             nh, nw = resize.output_size(h0, w0)
             assert got["grid"].shape == (math.ceil(nh / stride), math.ceil(nw / stride), 256)
-            np.testing.assert_allclose(
-                got["grid"], direct_grid(backbone, item.path, resize, stride), rtol=1e-4, atol=1e-4
-            )
+            want = direct_grid(backbone, item.path, resize, stride)
+            # a batch of 4 vs one image: float32 sums in another order, noise relative to the map's scale
+            np.testing.assert_allclose(got["grid"], want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
 
 
 def test_grid_from_a_bare_backbone_file_fixed_size_float16(data, tmp_path):
@@ -243,9 +243,11 @@ KILL_CHILD = textwrap.dedent("""
 """)
 
 
-def test_resume_after_sigkill_gives_the_same_file_as_one_run(data, artifacts, tmp_path):
+@pytest.mark.parametrize("writer_thread", [False, True])
+def test_resume_after_sigkill_gives_the_same_file_as_one_run(data, artifacts, tmp_path, writer_thread):
     # shortest-side resize: images of several sizes, batched by padded shape
     common = (
+        f"writer_thread={str(writer_thread).lower()}",
         "kind=grid",
         "image_size=null",
         "short=64",
@@ -273,7 +275,8 @@ def test_resume_after_sigkill_gives_the_same_file_as_one_run(data, artifacts, tm
     assert child.returncode == -9, child.stderr
     with open_features(out) as r:
         first = len(r)
-    assert 2 <= first < 6  # something survived the kill, not everything was done
+    # the caller's thread commits before the third batch; the writer thread may not have committed yet
+    assert (0 if writer_thread else 2) <= first < 6
     s = run(cfg)
     assert (s.done_before, s.done_now) == (first, 6 - first)
     a, b = read_all(whole), read_all(out)

@@ -17,40 +17,17 @@ import h5py
 import numpy as np
 import pytest
 
+from feature_files import (
+    PROV,
+    C,
+    check_intact,
+    flushed_writer,
+    make_grid,
+    make_region,
+    write_grid,
+)
 from gridvqa.data.features import FeatureWriter, GridFeatures, RegionFeatures, open_features
 from gridvqa.errors import DataError
-
-PROV = {"backbone": "r50", "checkpoint_sha256": "ab12", "resize": {"short": 600, "max": 1000}}
-C = 8
-
-
-def make_grid(i: int) -> np.ndarray:
-    """Deterministic per-id grid with a per-id shape (the SIGKILL child imports this too)."""
-    rng = np.random.default_rng(i)
-    return (rng.standard_normal((1 + i % 3, 2 + i % 4, C)) * 10).astype(np.float32)
-
-
-def make_region(i: int, attrs: bool = True) -> dict:
-    rng = np.random.default_rng(1000 + i)
-    n = 2 + i % 5
-    xy = rng.uniform(0, 50, (n, 2))
-    out = {
-        "features": rng.standard_normal((n, C)).astype(np.float32),
-        "boxes": np.concatenate([xy, xy + rng.uniform(1, 30, (n, 2))], axis=1),
-        "labels": rng.integers(0, 1600, n),
-        "scores": rng.uniform(0.2, 1, n),
-    }
-    if attrs:
-        out["attr_labels"] = rng.integers(0, 400, (n, 3))
-        out["attr_scores"] = rng.uniform(0, 1, (n, 3))
-    return out
-
-
-def write_grid(path: Path, ids, **kw) -> Path:
-    with FeatureWriter(path, "grid", PROV, **kw) as w:
-        for i in ids:
-            assert w.add_grid(i, make_grid(i), (100 + i, 200 + i))
-    return path
 
 
 def test_grid_shapes_dtypes_and_reader(tmp_path):
@@ -250,10 +227,7 @@ def test_plain_h5py_reading_as_documented(tmp_path, consolidate):
 
 def test_reader_open_during_consolidation_keeps_working(tmp_path):
     path = tmp_path / "g.h5"
-    w = FeatureWriter(path, "grid", PROV, commit_bytes=100)
-    for i in range(8):
-        w.add_grid(i, make_grid(i), (100 + i, 200 + i))
-    w.flush()
+    w = flushed_writer(path, 8, commit_bytes=100)
     r = open_features(path)  # sees the unconsolidated form
     np.testing.assert_array_equal(r.get(0)["grid"], make_grid(0).astype(np.float16))
     w.close()  # consolidates and deletes the parts the reader has not opened yet
@@ -287,7 +261,7 @@ def test_reader_holding_an_old_index_never_reads_newer_data(tmp_path):
             w.add_grid(i, make_grid(i), (100 + i, 200 + i))
     for i in range(6):
         np.testing.assert_array_equal(r.get(i)["grid"], expect[i])
-    assert _check_intact(path) == set(range(12))
+    assert check_intact(path) == set(range(12))
 
 
 class _ReaderDataset:
@@ -325,7 +299,7 @@ def test_reader_in_dataloader_workers(tmp_path, consolidate):
 CHILD = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_features import PROV, make_grid
+from feature_files import PROV, make_grid
 from gridvqa.data.features import FeatureWriter
 
 with FeatureWriter(sys.argv[1], "grid", PROV, commit_bytes=600) as w:
@@ -335,18 +309,6 @@ with FeatureWriter(sys.argv[1], "grid", PROV, commit_bytes=600) as w:
     w.flush()
     print("closing", flush=True)  # consolidation follows
 """
-
-
-def _check_intact(path: Path) -> set[int]:
-    """Every image visible in the file equals what was written; returns their ids."""
-    r = open_features(path)
-    ids = r.image_ids
-    assert len(ids) == len(set(ids))
-    for i in ids:
-        np.testing.assert_array_equal(r.get(i)["grid"], make_grid(i).astype(np.float16))
-        assert r.get(i)["image_size"] == (100 + i, 200 + i)
-    r.close()
-    return set(ids)
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
@@ -367,7 +329,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         else:
             pytest.fail(f"the writer finished before round {round_} could kill it")
         if round_ in (1, 3):
-            _check_intact(path)  # readable while the writer is running (it goes on meanwhile)
+            check_intact(path)  # readable while the writer is running (it goes on meanwhile)
         # a random moment: mid-add, mid-part, mid-index; in the last round within the consolidation
         time.sleep(rng.uniform(0, 0.02 if target is not None else 0.1))
         child.send_signal(signal.SIGKILL)
@@ -375,14 +337,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         child.stdout.close()
         # the consolidation may beat the last kill: then this round checks the finished file
         assert child.returncode == -signal.SIGKILL or (target is None and child.returncode == 0)
-        done = _check_intact(path)  # readable after the writer died, nothing half-written visible
+        done = check_intact(path)  # readable after the writer died, nothing half-written visible
         assert len(done) >= max(seen, target or n)  # committed images are never lost
         seen = len(done)
     assert seen == n
     final = subprocess.run(cmd, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
     assert final.stdout.split() == ["closing"]  # nothing left to extract
-    assert _check_intact(path) == set(range(n))
+    assert check_intact(path) == set(range(n))
     assert sorted(os.listdir(path.parent)) == ["g.h5"]  # leftovers of the killed runs are gone
 
     reference = write_grid(tmp_path / "ref.h5", range(n))
@@ -468,7 +430,7 @@ def test_missing_parts(tmp_path, caplog):
             for i in lost:
                 w.add_grid(i, make_grid(i), (100 + i, 200 + i))
     assert any(f"{name} is missing" in r.getMessage() for r in caplog.records)
-    _check_intact(path)
+    check_intact(path)
 
     # The file moved without its folder: every part is missing. Refused, not silently redone from scratch.
     path = write_grid(tmp_path / "m" / "g.h5", range(8), commit_bytes=150, consolidate=False)
@@ -484,10 +446,7 @@ def test_missing_parts(tmp_path, caplog):
 
 def test_part_damaged_during_the_run_fails_consolidation_in_one_line(tmp_path):
     path = tmp_path / "g.h5"
-    w = FeatureWriter(path, "grid", PROV, commit_bytes=150)
-    for i in range(8):
-        w.add_grid(i, make_grid(i), (100 + i, 200 + i))
-    w.flush()
+    w = flushed_writer(path, 8, commit_bytes=150)
     name, lost = list(_part_images(path).items())[1]
     _damage(tmp_path / "g.h5.parts" / name, "truncated")
     with pytest.raises(DataError) as e:
@@ -498,7 +457,7 @@ def test_part_damaged_during_the_run_fails_consolidation_in_one_line(tmp_path):
         assert w.missing(range(8)) == lost
         for i in lost:
             w.add_grid(i, make_grid(i), (100 + i, 200 + i))
-    assert _check_intact(path) == set(range(8))
+    assert check_intact(path) == set(range(8))
 
 
 @pytest.mark.parametrize("consolidate", [True, False])
@@ -512,7 +471,7 @@ def test_truncated_index_suggests_overwrite(tmp_path, consolidate):
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg and "truncated" in msg and "pass overwrite=True" in msg
     write_grid(path, range(3), overwrite=True)
-    assert _check_intact(path) == {0, 1, 2}
+    assert check_intact(path) == {0, 1, 2}
     assert sorted(os.listdir(tmp_path)) == ["g.h5"]
 
 

@@ -353,8 +353,8 @@ def test_a_thin_strip_keeps_at_least_one_pixel_per_side():
 
 
 class UnclampedResize(ResizeShortest):
-    """detectron2's rounding without the 1-pixel floor: a 1x3000 strip becomes 0 pixels high, and torch's
-    resize fails on it as it did before the floor (a real failure inside a loader worker)."""
+    """detectron2's rounding without the 1-pixel floor: a 1x3000 strip becomes 0 pixels high, and the
+    resize refuses it (a real failure inside a loader worker)."""
 
     def output_size(self, h, w, rng=None):
         scale = self.short / min(h, w)
@@ -380,7 +380,7 @@ def test_an_image_that_cannot_be_prepared_is_skipped_and_counted_by_every_loader
 
     root = _small_data(tmp_path / "data")
     failing = ImagePipeline(UnclampedResize(600, 1000))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError):
         failing(Image.new("RGB", (3000, 1)))  # what the loaders below meet
 
     # VQA: one image of val replaced by a 1x3000 strip
@@ -393,7 +393,7 @@ def test_an_image_that_cannot_be_prepared_is_skipped_and_counted_by_every_loader
     ds.pipeline = failing
     items = [ds[i] for i in range(len(ds))]
     assert sum(it is None or "image" not in it for it in items) == 1 and ds.skipped.count == 1
-    assert "RuntimeError" in ds.skipped.items[0][1]
+    assert "ValueError" in ds.skipped.items[0][1]
 
     # VG detection data
     vg = VGDataModule(str(root), train_short=600, test_short=600, max_size=1000, num_workers=0)
@@ -403,12 +403,12 @@ def test_an_image_that_cannot_be_prepared_is_skipped_and_counted_by_every_loader
     Image.new("RGB", (3000, 1)).save(vg.vg.image_path(rec.image_id))
     assert vds[0] is not None and vds[0]["image"].shape[-2:] == (1, 1000)
     vds.pipeline = failing
-    assert vds[0] is None and vds.skipped.count == 1 and "RuntimeError" in vds.skipped.items[0][1]
+    assert vds[0] is None and vds.skipped.count == 1 and "ValueError" in vds.skipped.items[0][1]
 
     # extraction: the item carries the reason, the batch lists it apart
     path = layout.coco_image_path(root, "val", strip_id)
     other = layout.coco_image_path(root, "val", ds.entries[-1].image_id)
     eds = ExtractionDataset([ImageItem(1, path), ImageItem(2, other)], failing)
     batch = collate_extraction([eds[0], eds[1]])
-    assert [i for i, _ in batch["failed"]] == [0] and "RuntimeError" in batch["failed"][0][1]
+    assert [i for i, _ in batch["failed"]] == [0] and "ValueError" in batch["failed"][0][1]
     assert [g["index"] for g in batch["groups"]] == [[1]]

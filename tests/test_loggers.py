@@ -13,7 +13,6 @@ from omegaconf import open_dict
 
 from gridvqa.training import run
 from hydra_utils import compose_cfg
-from test_experiments import shrink
 
 LOGGERS = {"csv": {"csv"}, "tensorboard": {"tensorboard"}, "wandb": {"wandb"},
            "many": {"csv", "tensorboard", "wandb"}}
@@ -21,18 +20,14 @@ LOGGERS = {"csv": {"csv"}, "tensorboard": {"tensorboard"}, "wandb": {"wandb"},
 
 def run_short(root: Path, out: Path, overrides: list[str], epochs: int = 1,
               experiment: str = "frozen_random") -> float | None:
-    """`experiment` at CPU test size for `epochs` epochs of one train and one val batch each."""
-    cfg = compose_cfg([f"experiment={experiment}", *overrides], root, out)
+    """`experiment` at `debug=tiny` for `epochs` epochs of one train and one val batch each, without
+    fast_dev_run (which would swap the loggers for a dummy)."""
+    tiny = ["debug=tiny", "trainer.fast_dev_run=false", f"trainer.max_epochs={epochs}",
+            f"trainer.min_epochs={epochs}"]
+    cfg = compose_cfg([f"experiment={experiment}", *tiny, *overrides], root, out)
     with open_dict(cfg):
         cfg.paths.artifacts_dir = str(out / "artifacts")
         cfg.paths.log_dir = str(out / "logs")
-    shrink(cfg)
-    with open_dict(cfg):
-        cfg.trainer.max_epochs = cfg.trainer.min_epochs = epochs
-        cfg.trainer.limit_train_batches = 1
-        cfg.trainer.limit_val_batches = 1
-        cfg.trainer.log_every_n_steps = 1
-        cfg.trainer.enable_progress_bar = False
     return run(cfg)
 
 

@@ -71,12 +71,14 @@ def test_param_counts_match_mcan():
         large = build_mcan("large", num_answers=3129, visual_dim=2048, vocab_size=20573)
     assert 56e6 < n_params(small) < 60e6
     assert 195e6 < n_params(large) < 208e6
-    assert len(small.backbone.encoder) == 6 and len(small.backbone.decoder) == 6
-    assert large.backbone.encoder[0].att.mha.num_heads == 8
-    assert large.backbone.decoder[0].ffn[0].out_features == 4096 and large.classifier.in_features == 2048
-    assert small.backbone.decoder[0].guided_att.mha.num_heads == 8 and small.classifier.in_features == 1024
+    assert len(small.encoder_decoder.encoder) == 6 and len(small.encoder_decoder.decoder) == 6
+    assert large.encoder_decoder.encoder[0].att.mha.num_heads == 8
+    assert large.encoder_decoder.decoder[0].ffn[0].out_features == 4096
+    assert large.classifier.in_features == 2048
+    assert small.encoder_decoder.decoder[0].guided_att.mha.num_heads == 8
+    assert small.classifier.in_features == 1024
     assert isinstance(small.norm, MCANLayerNorm)
-    assert isinstance(small.backbone.encoder[0].norm1, MCANLayerNorm)
+    assert isinstance(small.encoder_decoder.encoder[0].norm1, MCANLayerNorm)
     assert small.visual.pos_enc == "none" and small.visual.box_proj is None
     t = build_mcan("tiny", num_answers=3129, visual_dim=2048, vocab_size=20573)
     assert n_params(t) < n_params(small) / 5
@@ -371,3 +373,55 @@ def test_tiny_head_learns_where_a_colour_is():
     finally:
         torch.set_num_threads(threads)
     assert acc > 0.95  # chance is 0.25, and the question alone says nothing about the answer
+
+
+# --- state dicts that call the encoder-decoder `backbone` (mcan-vqa's name) ---------------------------
+
+
+def _as_mcan_vqa_names(state, prefix=""):
+    """The state dict with the encoder-decoder's keys under mcan-vqa's attribute name, `backbone`."""
+    old, new = prefix + "encoder_decoder.", prefix + "backbone."
+    return {(new + k[len(old):] if k.startswith(old) else k): v for k, v in state.items()}
+
+
+def test_state_dict_with_backbone_keys_loads_with_identical_outputs():
+    trained = tiny()
+    state = _as_mcan_vqa_names(trained.state_dict())
+    assert any(k.startswith("backbone.encoder.") for k in state)
+    torch.manual_seed(1)
+    fresh = build_mcan("tiny", num_answers=7, visual_dim=C, vocab_size=30, hidden=32, flat_mlp=32,
+                       flat_out=64, ffn=64, word_dim=16, **CPU_ADDITIONS).eval()
+    q, qm = questions()
+    v = torch.randn(3, C, 4, 5)
+    assert not torch.equal(fresh(q, qm, v), trained(q, qm, v))
+    fresh.load_state_dict(state)  # strict: every key lands
+    assert torch.equal(fresh(q, qm, v), trained(q, qm, v))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values(),
+                                                 strict=True))
+
+
+def test_vqa_checkpoint_with_head_backbone_keys_loads_and_keeps_the_resnet(tmp_path):
+    # A pixels model has a real `backbone` (the ResNet) beside the head: only `head.backbone.*` is renamed.
+    from gridvqa.data.text import build_tokenizer, encode
+    from gridvqa.inference import load_model
+    from gridvqa.lit.vqa_module import VQAModule
+
+    tok = build_tokenizer(["what color is the circle", "how many squares"])
+    torch.manual_seed(0)
+    model = VQAModule(source="pixels", head={"size": "tiny"}, answers=["red", "blue", "2"],
+                      tokenizer_json=tok.backend_tokenizer.to_str(),
+                      backbone={"name": "R-tiny", "freeze_at": 0, "norm": "FrozenBN"}).eval()
+    state = _as_mcan_vqa_names(model.state_dict(), prefix="head.")
+    assert any(k.startswith("head.backbone.") for k in state)
+    assert any(k.startswith("backbone.") for k in state)
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": dict(model.hparams)}, path)
+    loaded = load_model(path)  # refuses a checkpoint with missing or unexpected keys
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(),
+                                                 strict=True))
+    q_ids, q_mask = encode(loaded.tokenizer, ["what color is the circle"], max_length=14)
+    batch = {"images": torch.randn(1, 3, 64, 64), "pixel_mask": torch.ones(1, 64, 64, dtype=torch.bool),
+             "q_ids": q_ids, "q_mask": q_mask, "img_index": torch.zeros(1, dtype=torch.long)}
+    with torch.no_grad():
+        assert torch.equal(loaded(batch), model(batch))

@@ -1,5 +1,5 @@
 """Every conf/experiment/paper_*.yaml composes (with Hydra, as `python -m gridvqa.train` does) to MCAN as
-published in MILVLG/mcan-vqa, with none of the CPU experiments' values left in it."""
+published in MILVLG/mcan-vqa: its setting at a paper size (conf/size/), with no CPU size value in it."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_paper_file_is_mcan_as_published(name, root):
     built = mcan_config(**head)
     assert head["size"] == size
     assert tuple(getattr(built, f) for f in SIZE_FIELDS) == tuple(sizes)
-    # no CPU-sized override (ffn, dropout, ...) survives the inheritance; GloVe words (base_cfgs.py USE_GLOVE)
+    # the size's own FFN and dropout (no CPU size value); GloVe words (base_cfgs.py USE_GLOVE)
     assert dataclasses.replace(built, glove_path=None) == MCAN_SIZES[size]
     assert built.glove_path
     # core/model/net.py: img_feat_linear's output goes in as it is; net_utils.py's LayerNorm; GloVe-size LSTM
@@ -83,7 +83,7 @@ def test_paper_heads_build_to_mcan_vqa_modules(size, root):
     with torch.device("meta"):
         m = build_mcan(**head, num_answers=3129, visual_dim=2048, vocab_size=20573)
     hidden, heads, ffn, flat_out = (PUBLISHED[size][i] for i in (1, 2, 3, 7))
-    sga = m.backbone.decoder[0]
+    sga = m.encoder_decoder.decoder[0]
     assert sga.self_att.mha.num_heads == heads and sga.guided_att.mha.embed_dim == hidden
     assert sga.ffn[0].out_features == ffn and m.classifier.in_features == flat_out
     assert all(isinstance(n, MCANLayerNorm) for n in (sga.norm1, sga.norm2, sga.norm3, m.norm))

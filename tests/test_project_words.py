@@ -30,7 +30,11 @@ HISTORY = [
     ("a development task", r"\b(this|the|my|our|your)\s+task\s+(asks|says|wants|requires)\b|\btask\s+\d"),
     ("superseded figures", r"\bsuperseded\b"),
     ("an earlier default", r"\b(previous|old|earlier|former|first)\s+(defaults?|recipe|settings)\b"),
-    ("change history", r"\b(has|have) since (moved|changed|become)\b|\bno longer\b|\bfollow-up\b"),
+    # "a process that no longer runs" says what a stale file is, not what changed
+    ("change history", r"\b(has|have) since (moved|changed|become)\b"
+                       r"|\bno longer\b(?!\s+(runs?|running|exists?)\b)|\bfollow-up\b"),
+    ("a change told", r"\bpreviously\b|\bnow uses\b|\b(was|were) changed\b|\bused to (be|use|run)\b"
+                      r"|\bwe (added|changed|moved|replaced|removed)\b"),
     ("path outside the repository", r"/work/(shared|exp)\b|/tmp/gv\b|(?-i:\bDESIGN\.md\b)"),
     ("who built it", r"\b(coordinator|helper session|the agent|the brief)\b"),
 ]
@@ -75,6 +79,9 @@ def test_patterns_catch_the_diary_and_spare_the_product():
         "e2e is 37.2 points over the blind prior (the issue asks for 25)",
         "see the VQA training issue's notes",
         "Rerunning at the new defaults is the VQA issue's follow-up.",
+        "The loader no longer saves its position.",
+        "Extraction now uses the device for the cast; previously it ran on the host.",
+        "The default was changed to 128 px.",
         "results/cpu/bench_train_e2e_session6.json",
         "Shorter side 160 / 4 epochs (the previous default) gave AP50 0.15",
         "The first figures were 4x slower throughout and are superseded.",
@@ -92,6 +99,7 @@ def test_patterns_catch_the_diary_and_spare_the_product():
         "overrides.task holds the job's overrides",
         "seen on EvalAI in MILVLG/mcan-vqa issue #28",
         "see docs/design.md and docs/results.md",
+        "removes temporary files left by a process that no longer runs",
     ]
     for line in diary:
         assert history_words(line), line

@@ -44,7 +44,8 @@ from gridvqa.reproduce import (
 )
 from gridvqa.reproduce.run import _blocks, _dependencies
 
-SETTINGS = ["frozen_random", "frozen", "region", "finetune", "e2e"]
+SETTINGS = ["frozen_random", "frozen", "region", "region_head", "finetune", "e2e"]
+EXPERIMENT = {s: "region" if s == "region_head" else s for s in SETTINGS}
 
 
 def options(tmp: Path, *extra: str) -> Options:
@@ -115,7 +116,8 @@ def fake_done(opts: Options) -> None:
             questions = json.loads(layout.questions_path(opts.data_root, split).read_text())["questions"]
             write_h5(st.outputs[0], kind, sorted({q["image_id"] for q in questions}))
         elif st.kind == "train":
-            acc = {"frozen_random": 36.0, "frozen": 38.0, "region": 39.0, "finetune": 39.0, "e2e": 40.0}
+            acc = {"frozen_random": 36.0, "frozen": 38.0, "region": 39.0, "region_head": 39.5,
+                   "finetune": 39.0, "e2e": 40.0}
             value = acc[st.setting] + 0.1 * st.seed
             summary = {
                 "task_name": st.setting,
@@ -158,7 +160,7 @@ def test_default_config():
     assert opts.extract_kinds == ["grid", "region"] and opts.extract_splits == ["train", "val"]
     # what trains: the experiment files at this reproduction's size (conf/experiment/reproduce/)
     assert opts.recipe == "reproduce" and opts.vqa_overrides == [] and opts.jobs == 1
-    assert [s.experiment for s in opts.settings] == [f"reproduce/{s}" for s in SETTINGS]
+    assert [s.experiment for s in opts.settings] == [f"reproduce/{EXPERIMENT[s]}" for s in SETTINGS]
     assert opts.pretrain_experiments == {n: f"reproduce/{n}" for n in opts.pretrain}
     assert opts.readme == REPO_ROOT / "docs" / "results.md" and opts.results_dir == REPO_ROOT / "results"
     assert opts.runs_dir == REPO_ROOT / "logs" / "reproduce"
@@ -384,7 +386,7 @@ def test_changed_settings_and_missing_checkpoints(tmp_path):
     fake_done(opts)
     assert running(opts) == []
     # other VQA settings: every run again, its old folder moved aside; pre-training and features kept
-    changed = options(tmp_path, "bench.enabled=false", "vqa_overrides=trainer.max_epochs=3")
+    changed = options(tmp_path, "bench.enabled=false", "vqa_overrides=model.weight_decay=0.5")
     reasons = decisions(changed)
     trains = {n: r for n, r in reasons.items() if n.startswith("train")}
     assert set(trains.values()) == {"made with other settings"}
@@ -465,7 +467,7 @@ def test_jobs_run_training_side_by_side_in_dependency_order(tmp_path):
         (False, ["data"]),
         (True, ["pretrain"] * 2),
         (False, ["extract"] * 4),
-        (True, ["train"] * 15),
+        (True, ["train"] * 18),
         (False, ["bench", "report", "readme"]),
     ]
     trains = _blocks(steps, 3)[3][1]

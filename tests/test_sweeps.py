@@ -1,7 +1,7 @@
 """Hydra sweeps: one folder per sweep, metrics.json per run, the Optuna sweeper and the SLURM launcher.
 
 The multirun tests run the real entry point (`python -m gridvqa.train -m ...`) in a subprocess with
-one train and one validation batch per job (debug=fdr) on the tiny built-in set.
+one train and one validation batch per job (debug=tiny) on the tiny built-in set.
 """
 
 from __future__ import annotations
@@ -24,14 +24,8 @@ from gridvqa.reporting import collect_runs, write_report
 from hydra_utils import compose_cfg
 from test_experiments import run_experiment, write_pretrained_backbone
 
-# CPU sizes on the command line (what tests/test_experiments.py `shrink` does to a composed config)
-TINY = [
-    "debug=fdr",
-    "data.batch_size=2",
-    "data.val_batch_size=2",
-    "data.image_size=[96,96]",
-    "trainer.enable_progress_bar=false",
-]
+# the smallest sizes, one train and one validation batch (conf/debug/tiny.yaml)
+TINY = ["debug=tiny"]
 
 
 def train_cli(args: list[str], root: Path, tmp: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -119,7 +113,7 @@ def test_report_on_a_real_multirun(multirun, tmp_path):
         ("experiment=frozen", 2, [1, 2]),
         ("experiment=e2e", 2, [1, 2]),
     ]
-    assert "data.batch_size=2" in report.common
+    assert "debug=tiny" in report.common
     assert set(written) == {"md", "csv", "png"}
 
 
@@ -129,7 +123,7 @@ def test_run_writes_metrics_json(tiny_shapes, tmp_path):
     (run,), problems = collect_runs(tmp_path)
     assert problems == [] and run.path == tmp_path / "metrics.json"
     assert run.task_name == "frozen_random" and run.seed == 42
-    assert run.overrides[:2] == ["experiment=frozen_random", "debug=fdr"]
+    assert run.overrides[:2] == ["experiment=frozen_random", "debug=tiny"]
     assert run.optimized_metric == "val/vqa_acc" and run.metrics["val/vqa_acc"] == value
     assert {"val/loss", "val/vqa_acc_yes_no", "train/loss"} <= set(run.metrics)
     assert 0 < run.minutes < 5

@@ -28,3 +28,19 @@ def test_save_and_reload_same_ids(tmp_path):
     a, _ = encode(tok, QUESTIONS)
     b, _ = encode(again, QUESTIONS)
     assert (a == b).all()
+
+
+def test_lstm_question_encoder_runs_under_cpu_bfloat16_autocast():
+    """`trainer.precision=bf16-mixed` on a CPU: autocast would pick a bfloat16 LSTM kernel many CPUs lack."""
+    import torch
+
+    from gridvqa.models.text_encoder import LSTMTextEncoder
+
+    torch.manual_seed(0)
+    enc = LSTMTextEncoder(vocab_size=20, hidden=16, word_dim=8)
+    tokens = torch.tensor([[3, 4, 5, 0], [6, 7, 0, 0]])
+    plain, _ = enc(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, mask = enc(tokens)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
+    assert mask.tolist() == [[True, True, True, False], [True, True, False, False]]

@@ -218,6 +218,25 @@ def test_padded_feature_map_folds_back_onto_the_valid_cells(world):
     assert ex.flat.sum() == pytest.approx(1.0, abs=1e-5) and (ex.flat > 0).all()
 
 
+def test_a_picture_in_memory_is_read_as_its_file(world, tmp_path):
+    # explain and predict share one reading of the picture: transparent pixels of an in-memory image are
+    # white, as when its file is decoded, so the drawn image is what the model saw
+    e = world.entries[0]
+    with Image.open(layout.coco_image_path(world.root, "val", e.image_id)) as im:
+        rgba = im.convert("RGBA")
+    alpha = np.array(rgba.getchannel("A"))
+    alpha[: rgba.height // 2, : rgba.width // 2] = 0
+    rgba.putalpha(Image.fromarray(alpha))
+    path = tmp_path / "rgba.png"
+    rgba.save(path)
+    in_memory, from_file = explain(world.pixels, e.question, rgba), explain(world.pixels, e.question, path)
+    assert np.array_equal(in_memory.image, from_file.image) and (in_memory.image[0, 0] == 255).all()
+    assert np.array_equal(in_memory.flat, from_file.flat) and in_memory.top == from_file.top
+    top = predict(world.pixels, rgba, e.question)  # without attention weights: float noise apart
+    assert [a for a, _ in top] == [a for a, _ in in_memory.top]
+    assert [s for _, s in top] == pytest.approx([s for _, s in in_memory.top], abs=1e-5)
+
+
 def test_layers_picture_is_written(world, tmp_path):
     e = world.entries[0]
     ex = explain_entry(world.pixels, e, world.root, "val")

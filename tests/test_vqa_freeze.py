@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 
 from gridvqa.lit.vqa_module import VQAModule
 from hydra_utils import compose_cfg
+from vqa_setup import bare_trainer, fit_on_one_thread
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -30,14 +31,8 @@ def build(root: Path, out: Path, *overrides: str) -> tuple[VQAModule, object]:
 
 
 def fit(model: VQAModule, dm, steps: int = 2) -> pl.Trainer:
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # ops this small run faster without thread hand-offs
-    try:
-        trainer.fit(model, datamodule=dm)
-    finally:
-        torch.set_num_threads(threads)
+    trainer = bare_trainer(max_steps=steps)
+    fit_on_one_thread(trainer, model, dm)
     return trainer
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
 
 from feature_files import write_features
@@ -13,6 +12,7 @@ from gridvqa.errors import ConfigError
 from gridvqa.lit.schedules import fraction_factor, mcan_epoch_factor
 from gridvqa.lit.vqa_module import VQAModule
 from hydra_utils import compose_cfg
+from vqa_setup import bare_trainer, fit_on_one_thread
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -63,8 +63,7 @@ def test_mcan_schedule_through_lightning(tiny_shapes, tmp_path):
     for split in ("train", "val"):
         if not (tiny_shapes / "features" / f"grid_{split}.h5").is_file():
             write_features(tiny_shapes, "grid", split)
-    cfg = compose_cfg(["experiment=frozen_h5", "data.num_workers=0", "data.batch_size=2",
-                       "model.head.size=tiny", "model.lr=1e-3", "model.schedule=mcan",
+    cfg = compose_cfg(["experiment=frozen_h5", "debug=tiny", "model.lr=1e-3", "model.schedule=mcan",
                        "model.warmup_epochs=3", "model.decay_epochs=[4]", "model.gamma=0.5"],
                       tiny_shapes, tmp_path / "run")
     model, dm = instantiate(cfg.model), instantiate(cfg.data)
@@ -75,15 +74,8 @@ def test_mcan_schedule_through_lightning(tiny_shapes, tmp_path):
             seen.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     steps = 2
-    trainer = pl.Trainer(max_epochs=5, limit_train_batches=steps, limit_val_batches=0, accelerator="cpu",
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[Record()])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # ops this small run faster without thread hand-offs
-    try:
-        trainer.fit(model, datamodule=dm)
-    finally:
-        torch.set_num_threads(threads)
+    trainer = bare_trainer(max_epochs=5, limit_train_batches=steps, callbacks=[Record()])
+    fit_on_one_thread(trainer, model, dm)
     # mcan-vqa run with an epoch of `steps` batches, decay after 4 epochs: 1/4, 2/4, 3/4, 1, 0.5
     assert seen == pytest.approx(mcan_vqa_rates(1e-3, steps * 2, 2, 5, (4,), 0.5), rel=1e-9)
 

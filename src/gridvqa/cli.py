@@ -4,7 +4,9 @@
 entry module. Around the function it applies the top-level `data_root=DIR` alias, checks the config
 (`gridvqa.config_checks`) before any work, and turns a user error (a GridVQAError, or an OS error
 about a named file: no permission, disk full, no such file) into one line on stderr and exit status 1.
-Anything else is a bug: it propagates, and Hydra prints its traceback.
+Anything else is a bug: it propagates, and Hydra prints its traceback. Before any of this, the Hydra
+callback `gridvqa.hydra_callbacks.CheckOutputDir` (conf/hydra/default.yaml) stops a run whose log
+folder cannot be made, in the same one-line form.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from omegaconf import DictConfig
 
@@ -36,9 +38,14 @@ def run_task(body: Callable[[DictConfig], T], cfg: DictConfig,
         line = user_error_line(e)
         if line is None:
             raise
-        sys.stdout.flush()  # what the body printed comes before the error
-        print(f"error: {line}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        exit_with_error(line)
+
+
+def exit_with_error(line: str) -> NoReturn:
+    """How an entry point stops on a user error: `error: <line>` on stderr, exit status 1."""
+    sys.stdout.flush()  # what the job printed comes before the error
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def entry_point(config_name: str, check: Callable[[DictConfig], None] | None = None,

@@ -1,11 +1,20 @@
 """Feature extraction to HDF5: grid (res5 map) or region (bottom-up C4 boxes) features of a split's images.
 
 `run(cfg)` is the body of `python -m gridvqa.extract` (config: conf/extract.yaml). The pieces are public so
-scripts (scripts/bench_extraction.py) and tests can drive them directly:
+benchmarks (gridvqa.benchmarks.extraction) and tests can drive them directly:
 
     items = split_images(data_root, "val")              # or folder_images(DIR, id_map_path)
     model, provenance = build_extractor(cfg)              # GridExtractor | RegionExtractor (+ what made it)
     summary = extract(items, model, pipeline, writer, ...)
+
+The models and their builders live in gridvqa.models.extractors; several processes (shards, torchrun) and
+the merge of their part files in gridvqa.extraction_shards.
+
+The loop: DataLoader workers decode images (and, with preprocess=workers, resize and normalise them);
+batches hold images of one padded shape, pinned on a GPU and copied without blocking; with
+preprocess=device the uint8 pixels are resized and normalised on the GPU to the same bytes; the forward
+runs under inference_mode (optionally bfloat16 autocast, channels_last, a compiled backbone); maps come
+back in one copy per batch and a background writer thread commits them while the next batch runs.
 
 Nothing is lost: the FeatureWriter commits finished images atomically and a re-run skips `done_ids`.
 A batch only holds images of one padded shape (see `plan_batches`), so every image's features equal a
@@ -19,7 +28,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -48,13 +56,23 @@ from gridvqa.data.images import (
     resolve_image_spec,
 )
 from gridvqa.data.jsonio import atomic_write_json, load_json
+from gridvqa.devices import resolve_device
 from gridvqa.errors import ConfigError, DataError
+from gridvqa.models.extractors import (
+    GridExtractor,
+    RegionExtractor,
+    WeightsSource,
+    build_grid_model,
+    build_region_model,
+)
 
 log = logging.getLogger(__name__)
 
 KINDS = ("grid", "region")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+# where images are resized and normalised: loader workers, or the extraction device (resolve_preprocess)
+PREPROCESS = ("workers", "device")
 # Which training run makes the default weights of each kind (named in the "weights not found" error).
 TRAIN_COMMAND = {"grid": "pretrain_vg", "region": "pretrain_vg_c4"}
 # Batches pad to a multiple of the backbone's largest stride (res5, 32), as detectron2's ImageList.
@@ -185,11 +203,20 @@ def plan_batches(
 
 
 class ExtractionDataset(Dataset):
-    """Decodes and resizes one image per item; an unreadable file becomes an item with an `error`."""
+    """Decodes one image per item; an unreadable file becomes an item with an `error`.
 
-    def __init__(self, items: Sequence[ImageItem], pipeline: ImagePipeline) -> None:
+    preprocess="workers": the item holds the resized, normalised float image. "device": only the decoded
+    uint8 pixels and the size they resize to; `model_input` resizes and normalises them where the model runs.
+    """
+
+    def __init__(
+        self, items: Sequence[ImageItem], pipeline: ImagePipeline, preprocess: str = "workers"
+    ) -> None:
+        if preprocess not in PREPROCESS:
+            raise ConfigError(f"preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
         self.items = list(items)
         self.pipeline = pipeline
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.items)
@@ -200,93 +227,65 @@ class ExtractionDataset(Dataset):
         item = self.items[i]
         try:
             img = load_image(item.path)
+            if self.preprocess == "device":
+                pixels = self.pipeline.decode(img)
+                h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
+                nh, nw = self.pipeline.resize.output_size(h, w)
+                if min(nh, nw) <= 0:
+                    raise ValueError(f"resize: output size must be positive, got {nh}x{nw}")
+                return {"index": i, "pixels": pixels, "size": (nh, nw), "orig_size": (h, w),
+                        "scale": (nh / h, nw / w), "error": None}
             x, _, info = self.pipeline(img)
         except ImageError as e:
             return {"index": i, "error": e.reason}
         except Exception as e:  # noqa: BLE001 - one image that cannot be prepared is skipped and listed
             return {"index": i, "error": f"cannot prepare the image ({type(e).__name__}: {e})"}
-        return {"index": i, "image": x, "orig_size": info["orig_size"], "scale": info["scale"], "error": None}
+        return {"index": i, "image": x, "size": info["size"], "orig_size": info["orig_size"],
+                "scale": info["scale"], "error": None}
+
+
+def _pad_uint8(pixels: Sequence[Tensor]) -> Tensor:
+    """Decoded images of different sizes in one uint8 batch (top-left, zeros elsewhere): one copy to the
+    device for the whole batch; `prepare_batch` reads each image's own rectangle only."""
+    h = max(int(p.shape[-2]) for p in pixels)
+    w = max(int(p.shape[-1]) for p in pixels)
+    out = torch.zeros((len(pixels), 3, h, w), dtype=torch.uint8)
+    for i, p in enumerate(pixels):
+        out[i, :, : p.shape[-2], : p.shape[-1]] = p
+    return out
 
 
 def collate_extraction(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Unreadable images listed apart; readable ones padded into one tensor per padded shape."""
+    """Unreadable images listed apart; readable ones in one group per padded shape: `images` (float,
+    padded to a multiple of 32) or, for device preprocessing, `pixels` (uint8 originals, padded)."""
     out: dict[str, Any] = {"failed": [(b["index"], b["error"]) for b in batch if b["error"] is not None]}
     by_shape: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for b in batch:
         if b["error"] is None:
-            by_shape.setdefault(_padded(tuple(b["image"].shape[-2:])), []).append(b)
+            by_shape.setdefault(_padded(tuple(b["size"])), []).append(b)
     out["groups"] = []
     for group in by_shape.values():
-        images, _, sizes = collate_images([b["image"] for b in group], size_divisibility=SIZE_DIVISIBILITY)
-        out["groups"].append(
-            {
-                "index": [b["index"] for b in group],
-                "orig_size": [b["orig_size"] for b in group],
-                "scale": [b["scale"] for b in group],
-                "images": images,
-                "sizes": [tuple(int(v) for v in s) for s in sizes.tolist()],
-            }
-        )
+        g: dict[str, Any] = {
+            "index": [b["index"] for b in group],
+            "orig_size": [b["orig_size"] for b in group],
+            "scale": [b["scale"] for b in group],
+            "sizes": [tuple(int(v) for v in b["size"]) for b in group],
+        }
+        if "pixels" in group[0]:
+            g["pixels"] = _pad_uint8([b["pixels"] for b in group])
+        else:
+            g["images"] = collate_images([b["image"] for b in group], size_divisibility=SIZE_DIVISIBILITY)[0]
+        out["groups"].append(g)
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
-# Models
-
-
-class GridExtractor(nn.Module):
-    """The backbone's res5 map of each image, only the cells that see real pixels: ceil(h/s) x ceil(w/s)."""
-
-    kind = "grid"
-
-    def __init__(self, backbone: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-
-    @property
-    def stride(self) -> int:
-        return int(self.backbone.output_shape()["res5"].stride)
-
-    def forward(self, images: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
-        feats = self.backbone(images)["res5"]
-        s = self.stride
-        return [
-            feats[i, :, : math.ceil(h / s), : math.ceil(w / s)].permute(1, 2, 0)
-            for i, (h, w) in enumerate(sizes)
-        ]
-
-
-class RegionExtractor(nn.Module):
-    """A detector in eval mode; per image the kept boxes with their region vectors and predictions."""
-
-    kind = "region"
-
-    def __init__(self, detector: nn.Module, attr_topk: int = 1) -> None:
-        super().__init__()
-        self.detector = detector
-        self.attr_topk = int(attr_topk)
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.detector.backbone
-
-    def forward(self, images: Tensor, sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        out = []
-        for det in self.detector(images, sizes):
-            res = {
-                "features": det["features"],
-                "boxes": det["boxes"],
-                "scores": det["scores"],
-                "labels": det["labels"] - 1,
-            }  # 0-based index into the objects vocabulary
-            attr = det.get("attr_scores")
-            if attr is not None and self.attr_topk > 0:
-                top = attr.float().topk(min(self.attr_topk, attr.shape[1]), dim=1)
-                squeeze = self.attr_topk == 1
-                res["attr_scores"] = top.values[:, 0] if squeeze else top.values
-                res["attr_labels"] = top.indices[:, 0] if squeeze else top.indices
-            out.append(res)
-        return out
+def model_input(group: Mapping[str, Any], pipeline: ImagePipeline, device: torch.device) -> Tensor:
+    """A collated group as the model's input batch on `device`: copied (non-blocking from pinned memory on
+    a GPU) and, for device preprocessing, resized and normalised there by the same pipeline."""
+    if "pixels" in group:
+        pixels = group["pixels"].to(device, non_blocking=True)
+        return pipeline.prepare_batch(pixels, group["orig_size"], group["sizes"], SIZE_DIVISIBILITY)
+    return group["images"].to(device, non_blocking=True)
 
 
 def file_sha256(path: str | os.PathLike, n_hex: int = 16) -> str:
@@ -316,15 +315,6 @@ def _safetensors_config(path: Path) -> dict[str, Any] | None:
         return json.loads(raw) if raw else None
     except json.JSONDecodeError:
         return None
-
-
-@dataclass
-class WeightsSource:
-    """Where extraction weights come from: None path = random init (weights=random)."""
-
-    path: Path | None
-    checkpoint: str  # sha256 (first 16 hex) of the loaded file, or "random(seed=N)"
-    config: dict[str, Any] = field(default_factory=dict)  # export config (kind, backbone, detector, ...)
 
 
 def weights_file(cfg: Mapping[str, Any], kind: str) -> Path | None:
@@ -376,92 +366,13 @@ def resolve_weights(cfg: Mapping[str, Any], kind: str) -> WeightsSource:
     return WeightsSource(p, file_sha256(p), config or {})
 
 
-def _backbone_kwargs(saved: Mapping[str, Any] | None, fallback: Mapping[str, Any]) -> dict[str, Any]:
-    bb = dict(_plain(saved) if saved else _plain(fallback))
-    # weights are loaded below; training-only switches off; channels_last set by the caller
-    bb.update(weights=None, freeze_at=0, grad_checkpointing=False, channels_last=False)
-    return bb
-
-
-def build_grid_model(cfg: Mapping[str, Any]) -> tuple[GridExtractor, WeightsSource]:
-    from gridvqa.models.backbone import build_backbone
-
-    src = resolve_weights(cfg, "grid")
-    bb_cfg = _backbone_kwargs(src.config.get("backbone"), cfg["backbone"])
-    # the paper's res5 map at output stride 32: pre-training's dilation removed on the same weights
-    # (res5_dilation=2 keeps it, stride 16: the CPU configs' small images then still give a 12x12 grid)
-    dilation = int(cfg.get("res5_dilation", 1))
-    if dilation not in (1, 2):
-        raise ConfigError(f"extract: res5_dilation must be 1 (output stride 32) or 2 (16), got {dilation}")
-    bb_cfg.update(out_features=["res5"], res5_dilation=dilation)
-    if src.path is None:
-        torch.manual_seed(int(cfg.get("seed", 0)))
-    backbone = build_backbone(**bb_cfg)
-    if src.path is not None:
-        backbone.load_weights(src.path)
-    backbone.freeze(5)  # all of it, BN turned FrozenBN with the learned statistics
-    backbone.set_res5_dilation(dilation)
-    return GridExtractor(backbone).eval(), src
-
-
-def build_region_model(cfg: Mapping[str, Any]) -> tuple[RegionExtractor, WeightsSource]:
-    from gridvqa.models.backbone import build_backbone
-    from gridvqa.models.detector import build_detector
-    from gridvqa.models.safe_load import load_state_dict_file
-
-    src = resolve_weights(cfg, "region")
-    rc = dict(_plain(cfg["region"]))
-    test_time = dict(
-        rpn_post_nms_top_n_test=int(rc["proposals"]),
-        score_thresh=float(rc["score_thresh"]),
-        nms_thresh=float(rc["nms_thresh"]),
-        min_boxes=int(rc["min_boxes"]),
-        max_boxes=int(rc["max_boxes"]),
-    )
-    if src.path is None:
-        det_kind = "c4"
-        bb_cfg = _backbone_kwargs(None, cfg["backbone"])
-        bb_cfg.update(out_features=["res4"], res5_dilation=1)
-        det_cfg = dict(rc.get("detector") or {})
-        num_classes, num_attributes = int(rc["num_classes"]), int(rc["num_attributes"])
-        torch.manual_seed(int(cfg.get("seed", 0)))
-    else:
-        saved = src.config
-        det_kind = str(saved.get("kind", "c4"))
-        bb_cfg = _backbone_kwargs(saved["backbone"], cfg["backbone"])
-        det_cfg = dict(saved.get("detector") or {})
-        try:
-            num_classes, num_attributes = int(saved["num_classes"]), int(saved.get("num_attributes", 0))
-        except (KeyError, TypeError, ValueError):
-            where = src.path.parent / "config.json"
-            raise ConfigError(f"{where}: no num_classes in the exported config") from None
-    det_cfg.update(test_time)
-    backbone = build_backbone(**bb_cfg)
-    detector = build_detector(det_kind, backbone, num_classes, num_attributes, **det_cfg)
-    if src.path is not None:
-        sd = load_state_dict_file(src.path)
-        own = detector.state_dict()
-        bad = [k for k, v in sd.items() if k in own and v.shape != own[k].shape]
-        if bad:
-            k = bad[0]
-            raise ConfigError(
-                f"{src.path}: weight {k} has shape {tuple(sd[k].shape)}, the detector built "
-                f"from config.json expects {tuple(own[k].shape)}"
-            )
-        result = detector.load_state_dict(sd, strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-        if missing:
-            raise ConfigError(f"{src.path}: {len(missing)} detector weights missing (e.g. {missing[0]})")
-    backbone.freeze(5)
-    return RegionExtractor(detector, int(rc.get("attr_topk", 1))).eval(), src
-
-
 def build_extractor(cfg: Mapping[str, Any]) -> tuple[GridExtractor | RegionExtractor, dict[str, Any]]:
     """The model of `cfg.kind` and the provenance the feature file records for it."""
     kind = cfg["kind"]
     if kind not in KINDS:
         raise ConfigError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    model, src = build_grid_model(cfg) if kind == "grid" else build_region_model(cfg)
+    src = resolve_weights(cfg, kind)
+    model = build_grid_model(cfg, src) if kind == "grid" else build_region_model(cfg, src)
     return model, provenance(cfg, model, src)
 
 
@@ -497,21 +408,25 @@ def provenance(cfg: Mapping[str, Any], model: GridExtractor | RegionExtractor, s
     return prov
 
 
-def resolve_device(name: str) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA GPU is available (use device=auto or cpu)")
-    return dev
-
-
-def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+def prepare_model(
+    model: GridExtractor | RegionExtractor,
+    device: torch.device,
+    channels_last: bool,
+    *,
+    compile: bool = False,
+    cudnn_benchmark: bool = True,
+) -> nn.Module:
+    """Move the model to `device`; NHWC weights and inputs (`channels_last`), cuDNN's autotuner on a GPU
+    (batches repeat a few padded shapes, so its per-shape search pays off), the backbone compiled."""
     model.to(device)
     if channels_last:
         model.backbone.set_channels_last(True)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+    if compile:
+        # the backbone only: the region heads' data-dependent box counts gain nothing from it. Padded
+        # shapes vary with shortest-side resizing; dynamic shapes spare one compilation per shape.
+        model.backbone.compile(dynamic=None)
     return model
 
 
@@ -530,6 +445,7 @@ class ExtractionSummary:
     seconds: float = 0.0  # the extraction loop (decode + forward + write)
     nothing_to_do: bool = False
     note: str = ""
+    headline: str = ""  # instead of the extraction figures (merge=only says what it merged)
 
     @property
     def images_per_s(self) -> float:
@@ -540,6 +456,8 @@ class ExtractionSummary:
         return self.total - self.done_before - self.done_now
 
     def line(self) -> str:
+        if self.headline:
+            return self.headline + (f"; {self.note}" if self.note else "")
         if self.nothing_to_do:
             text = f"{self.path}: nothing to do: {self.done_before} of {self.total} images already extracted"
             return text + (f"; {self.note}" if self.note else "")
@@ -575,12 +493,24 @@ def grid_to_host(grid: Tensor, dtype: str) -> np.ndarray:
     return _to_numpy(grid)
 
 
-def _write(
+def grids_to_host(grids: Sequence[Tensor], dtype: str) -> list[np.ndarray]:
+    """`grid_to_host` of every map of a batch, on a GPU with one device->host copy (one wait for the
+    device) instead of one per map; the same bits."""
+    if dtype != "float16" or not grids or grids[0].device.type == "cpu":
+        return [grid_to_host(g, dtype) for g in grids]
+    halves = [g.detach().to(torch.float16) for g in grids]
+    flat = torch.cat([h.reshape(-1) for h in halves]).cpu()
+    overflow = torch.stack([torch.isinf(h).any() for h in halves]).cpu().tolist()
+    out, offset = [], 0
+    for g, h, bad in zip(grids, halves, overflow, strict=True):
+        out.append(_to_numpy(g) if bad else flat[offset : offset + h.numel()].view(h.shape).numpy())
+        offset += h.numel()
+    return out
+
+
+def _write_region(
     writer: FeatureWriter, image_id: int, out: Any, orig_size: tuple[int, int], scale: tuple[float, float]
 ) -> None:
-    if isinstance(out, Tensor):
-        writer.add_grid(image_id, grid_to_host(out, writer.dtype), orig_size)
-        return
     h, w = orig_size
     sy, sx = scale
     # detections are in resized-image pixels: undo the resize, clip to the original image
@@ -599,21 +529,49 @@ def _write(
     )
 
 
+def resolve_preprocess(preprocess: str, device: torch.device) -> str:
+    """`auto`: resize and normalise on a GPU when extracting on one (the workers then only decode, and
+    uint8 pixels cross to it instead of float32 ones), else in the loader workers."""
+    if preprocess == "auto":
+        return "device" if device.type == "cuda" else "workers"
+    if preprocess not in PREPROCESS:
+        raise ConfigError(f"preprocess must be auto or one of {', '.join(PREPROCESS)}, got {preprocess!r}")
+    return preprocess
+
+
 def extraction_loader(
     items: Sequence[ImageItem],
     pipeline: ImagePipeline,
     batches: Sequence[Sequence[int]],
     num_workers: int,
     device: torch.device,
+    preprocess: str = "workers",
 ) -> DataLoader:
-    """The DataLoader `extract` decodes with (public so the benchmark times the very same one)."""
+    """The DataLoader `extract` decodes with (public so the benchmark times the very same one); batches are
+    pinned on a GPU, so `model_input`'s copies do not wait for the host."""
     return DataLoader(
-        ExtractionDataset(items, pipeline),
+        ExtractionDataset(items, pipeline, resolve_preprocess(preprocess, device)),
         batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=collate_extraction,
         pin_memory=device.type == "cuda",
     )
+
+
+def _planned_batches(
+    items: Sequence[ImageItem],
+    done: set[int],
+    pipeline: ImagePipeline,
+    batch_size: int,
+    max_images: int | None,
+) -> list[list[int]]:
+    todo_idx = [i for i, it in enumerate(items) if it.image_id not in done]
+    plan = plan_batches([items[i] for i in todo_idx], pipeline.resize, batch_size)
+    batches = [[todo_idx[j] for j in b] for b in plan]
+    if max_images is not None:
+        counts = np.cumsum([0] + [len(b) for b in batches])
+        batches = batches[: int(np.searchsorted(counts, max_images))]
+    return batches
 
 
 def extract(
@@ -626,6 +584,7 @@ def extract(
     num_workers: int = 2,
     device: torch.device | str = "cpu",
     precision: str = "float32",
+    preprocess: str = "auto",
     max_images: int | None = None,
     commit_images: int = 256,
     progress: bool = True,
@@ -634,8 +593,10 @@ def extract(
 ) -> ExtractionSummary:
     """Extract the images of `items` not yet in `writer`; the writer is left open (the caller closes it).
 
-    `max_images` stops after the batch that reaches that many new images. `on_batch(n)` is called after each
-    batch (benchmarks, tests). Pass `summary` to see what was done even when the loop raises.
+    `preprocess`: where images are resized and normalised (see `resolve_preprocess`); the stored numbers
+    are the same either way. `max_images` stops after the batch that reaches that many new images.
+    `on_batch(n)` is called after each batch (benchmarks, tests). Pass `summary` to see what was done even
+    when the loop raises.
     """
     from tqdm import tqdm
 
@@ -647,38 +608,29 @@ def extract(
     if summary is None:
         summary = ExtractionSummary(writer.path, model.kind, len(items), before)
     summary.done_before = before
-    todo_idx = [i for i, it in enumerate(items) if it.image_id not in done]
-    plan = plan_batches([items[i] for i in todo_idx], pipeline.resize, batch_size)
-    batches = [[todo_idx[j] for j in b] for b in plan]
-    if max_images is not None:
-        counts = np.cumsum([0] + [len(b) for b in batches])
-        batches = batches[: int(np.searchsorted(counts, max_images))]
-    todo = sum(len(b) for b in batches)
+    batches = _planned_batches(items, done, pipeline, batch_size, max_images)
     if not batches:
         summary.nothing_to_do = True
         return summary
-    loader = extraction_loader(items, pipeline, batches, num_workers, device)
+    loader = extraction_loader(items, pipeline, batches, num_workers, device, preprocess)
     dtype = PRECISIONS[precision]
+    # bfloat16: convolutions and matmuls run in bfloat16 under autocast (reductions stay float32)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    step = _BatchStep(items, model, pipeline, writer, device, autocast, summary)
     since_commit = 0
     start = time.perf_counter()
     try:
         with (
-            tqdm(
-                total=todo,
-                unit="img",
-                desc=f"{model.kind} features",
-                disable=not progress,
-                dynamic_ncols=True,
-            ) as bar,
+            tqdm(total=sum(len(b) for b in batches), unit="img", desc=f"{model.kind} features",
+                 disable=not progress, dynamic_ncols=True) as bar,
             torch.inference_mode(),
         ):
             for batch in loader:
-                new = _run_batch(batch, items, model, writer, device, autocast, summary)
+                new = _run_batch(batch, step)
                 summary.done_now += new
                 since_commit += new
                 if since_commit >= commit_images:
-                    writer.flush()
+                    writer.flush(wait=False)  # a background writer commits while the next batch runs
                     since_commit = 0
                 bar.update(new + len(batch["failed"]))
                 if summary.skipped:
@@ -691,16 +643,22 @@ def extract(
     return summary
 
 
-def _run_batch(
-    batch: dict[str, Any],
-    items: Sequence[ImageItem],
-    model: nn.Module,
-    writer: FeatureWriter,
-    device: torch.device,
-    autocast: Any,
-    summary: ExtractionSummary,
-) -> int:
+@dataclass
+class _BatchStep:
+    """What every batch of one `extract` call needs."""
+
+    items: Sequence[ImageItem]
+    model: nn.Module
+    pipeline: ImagePipeline
+    writer: FeatureWriter
+    device: torch.device
+    autocast: Any
+    summary: ExtractionSummary
+
+
+def _run_batch(batch: dict[str, Any], step: _BatchStep) -> int:
     """Forward one batch and hand its images to the writer; returns how many were new."""
+    items, writer, summary = step.items, step.writer, step.summary
     done = writer.done_ids
     for i, reason in batch["failed"]:
         it = items[i]
@@ -709,8 +667,11 @@ def _run_batch(
             summary.skipped.append((str(it.path), reason))
     new = 0
     for group in batch["groups"]:
-        with autocast:
-            outs = model(group["images"].to(device, non_blocking=True), group["sizes"])
+        x = model_input(group, step.pipeline, step.device)
+        with step.autocast:
+            outs = step.model(x, group["sizes"])
+        if isinstance(step.model, GridExtractor):
+            outs = grids_to_host(outs, writer.dtype)
         for i, out, size, scale in zip(group["index"], outs, group["orig_size"], group["scale"], strict=True):
             it = items[i]
             if it.image_id in done:
@@ -720,7 +681,10 @@ def _run_batch(
                 log.warning("skipping image %d: %s: the detector kept no box", it.image_id, it.path)
                 summary.skipped.append((str(it.path), "the detector kept no box"))
                 continue
-            _write(writer, it.image_id, out, size, scale)
+            if isinstance(out, np.ndarray):
+                writer.add_grid(it.image_id, out, size)
+            else:
+                _write_region(writer, it.image_id, out, size, scale)
             new += 1
     return new
 
@@ -794,24 +758,76 @@ def _cli_overwrite_hint() -> Iterator[None]:
         raise DataError(msg) from None
 
 
+def extraction_device(cfg: Mapping[str, Any]) -> torch.device:
+    """`device`; under torchrun, device=auto gives each process its own GPU (LOCAL_RANK)."""
+    name = cfg.get("device", "auto")
+    local = os.environ.get("LOCAL_RANK")
+    if name in (None, "auto") and local and torch.cuda.is_available():
+        device = torch.device("cuda", int(local) % torch.cuda.device_count())
+    else:
+        device = resolve_device(name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # pinned batches and kernels go to this process's GPU
+    return device
+
+
 def run(cfg: Mapping[str, Any]) -> ExtractionSummary:
-    """The whole `python -m gridvqa.extract` run; returns its summary (the caller prints `summary.line()`)."""
+    """The whole `python -m gridvqa.extract` run; returns its summary (the caller prints `summary.line()`).
+
+    With shards=N (or under torchrun) this process extracts its shard into its part file, and with
+    merge=auto the process of shard 0 merges the parts once all are complete (gridvqa.extraction_shards).
+    """
+    from gridvqa import extraction_shards as sh
+
     kind = cfg["kind"]
     if kind not in KINDS:
         raise ConfigError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     output = Path(str(cfg["output"]))
+    plan = sh.shard_plan(cfg, output)
     pipeline = build_pipeline(cfg)
     items = source_items(cfg)
-    device = resolve_device(cfg.get("device", "auto"))
+    keep = bool(cfg.get("keep_shards", False))
+    if plan.merge == "only":
+        done = sh.merge_only(plan, items, keep)
+        return ExtractionSummary(output, kind, len(items), len(sh.file_ids(output)), headline=done)
+    device = extraction_device(cfg)
     model, prov = build_extractor(cfg)
+    if not plan.active:
+        return _extract_file(cfg, output, items, model, prov, pipeline, device)
+    already = sh.file_ids(output)
+    mine = [it for it in plan.items(items) if it.image_id not in already]
+    summary = _extract_file(cfg, plan.part(), mine, model, prov, pipeline, device)
+    if plan.shard == 0 and plan.merge == "auto":
+        note = sh.merge_when_complete(plan, items, already, wait_s=float(cfg.get("merge_wait", 600)),
+                                      keep_shards=keep)
+        summary.note = "; ".join(n for n in (summary.note, note) if n)
+    return summary
+
+
+def _open_writer(cfg: Mapping[str, Any], output: Path, kind: str, prov: dict[str, Any]) -> FeatureWriter:
     with _cli_overwrite_hint():
-        writer = FeatureWriter(
+        return FeatureWriter(
             output,
             kind,
             prov,
             dtype=str(cfg.get("dtype", "float16")),
             overwrite=bool(cfg.get("overwrite", False)),
+            background=bool(cfg.get("writer_thread", True)),
         )
+
+
+def _extract_file(
+    cfg: Mapping[str, Any],
+    output: Path,
+    items: Sequence[ImageItem],
+    model: GridExtractor | RegionExtractor,
+    prov: dict[str, Any],
+    pipeline: ImagePipeline,
+    device: torch.device,
+) -> ExtractionSummary:
+    """Extract `items` into `output` (resuming it), keeping `<output>.skipped.json` up to date."""
+    kind = model.kind
+    writer = _open_writer(cfg, output, kind, prov)
     skip_file = skipped_path(output)
     with writer:
         old_skipped = {} if cfg.get("overwrite") else _read_skipped(skip_file)
@@ -837,7 +853,13 @@ def run(cfg: Mapping[str, Any]) -> ExtractionSummary:
             ", ".join(f"{k}={v}" for k, v in prov.items()),
             device,
         )
-        prepare_model(model, device, bool(cfg.get("channels_last", True)))
+        prepare_model(
+            model,
+            device,
+            bool(cfg.get("channels_last", True)),
+            compile=bool(cfg.get("compile", False)),
+            cudnn_benchmark=bool(cfg.get("cudnn_benchmark", True)),
+        )
         summary = ExtractionSummary(output, kind, len(items), len(items) - len(missing))
         try:
             extract(
@@ -849,23 +871,34 @@ def run(cfg: Mapping[str, Any]) -> ExtractionSummary:
                 num_workers=int(cfg.get("num_workers", 2)),
                 device=device,
                 precision=str(cfg.get("precision", "float32")),
+                preprocess=str(cfg.get("preprocess", "auto")),
                 max_images=cfg.get("max_images"),
                 commit_images=int(cfg.get("commit_images", 256)),
                 progress=bool(cfg.get("progress", True)),
                 summary=summary,
             )
         finally:
-            by_path = {str(it.path): it for it in items}
-            entries = {k: v for k, v in old_skipped.items() if k not in writer.done_ids}
-            for p, reason in summary.skipped:
-                it = by_path[p]
-                entries[it.image_id] = {
-                    "image_id": it.image_id,
-                    "path": p,
-                    "reason": reason,
-                    "signature": _signature(it.path),
-                }
-            _write_skipped(skip_file, entries)
+            _update_skipped(skip_file, items, old_skipped, writer.done_ids, summary.skipped)
     if summary.skipped:
         summary.note = f"unreadable images listed in {skip_file}"
     return summary
+
+
+def _update_skipped(
+    skip_file: Path,
+    items: Sequence[ImageItem],
+    old: dict[int, dict[str, Any]],
+    done: set[int],
+    skipped: Sequence[tuple[str, str]],
+) -> None:
+    by_path = {str(it.path): it for it in items}
+    entries = {k: v for k, v in old.items() if k not in done}
+    for p, reason in skipped:
+        it = by_path[p]
+        entries[it.image_id] = {
+            "image_id": it.image_id,
+            "path": p,
+            "reason": reason,
+            "signature": _signature(it.path),
+        }
+    _write_skipped(skip_file, entries)

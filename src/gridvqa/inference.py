@@ -24,6 +24,7 @@ import torch
 
 from gridvqa.config import to_plain
 from gridvqa.data import layout
+from gridvqa.devices import resolve_device
 from gridvqa.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -134,18 +135,12 @@ def _as_module(ckpt_or_module: str | Path | VQAModule) -> VQAModule:
     return ckpt_or_module
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`auto`/None -> cuda when available, else cpu."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _to(batch: dict, device: torch.device) -> dict:
+def batch_to(batch: dict, device: torch.device) -> dict:
+    """The batch with its tensors on `device` (other values as they are)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-class _EvalMode:
+class EvalMode:
     """Eval mode and no autograd for the duration; a module given by the caller gets its mode back."""
 
     def __init__(self, module: torch.nn.Module) -> None:
@@ -189,16 +184,10 @@ def predict(
     cannot see a new image. `device` moves the model there (default: a loaded checkpoint stays on cpu,
     a module where it is).
     """
-    from PIL import Image as PILImage
+    from gridvqa.single_question import check_question, question_batch, read_picture, top_answers
 
-    from gridvqa.data.images import collate_images, load_image
-    from gridvqa.data.text import encode
-
-    if not isinstance(question, str) or not question.strip():
-        raise ConfigError('the question is empty: ask something, e.g. question="what color is the circle?"')
-    if int(topk) < 1:
-        raise ConfigError(f"topk={topk}: must be at least 1")
-    img = image if isinstance(image, PILImage.Image) else load_image(image)  # before the slow model load
+    check_question(question, topk)
+    picture = read_picture(image)  # before the slow model load
     module = _as_module(ckpt_or_module)
     if device is not None:
         module = module.to(resolve_device(device))
@@ -208,23 +197,10 @@ def predict(
             f"this checkpoint reads pre-extracted {source} features: prediction from an image needs a "
             f"source=pixels model (e.g. {TRAIN_HINT}), or extract the image's features first"
         )
-    max_length = getattr(module, "question_max_length", DEFAULT_MAX_LENGTH)
-    q_ids, q_mask = encode(module.tokenizer, [question], max_length=max_length)
-    if not bool(q_mask.any()):
-        raise ConfigError(f"the question {question!r} has no words once punctuation is removed")
-    tensor, _, info = image_pipeline(module)(img)
-    images, pixel_mask, sizes = collate_images(
-        [tensor], size_divisibility=getattr(module, "size_divisibility", DEFAULT_SIZE_DIVISIBILITY)
-    )
-    batch = {
-        "images": images, "pixel_mask": pixel_mask, "image_sizes": sizes, "q_ids": q_ids, "q_mask": q_mask,
-        "img_index": torch.zeros(1, dtype=torch.long), "orig_size": torch.tensor([info["orig_size"]]),
-    }
-    device = next(module.parameters()).device
-    with _EvalMode(module):
-        probs = module(_to(batch, device)).float().sigmoid()[0].cpu()
-    scores, idx = probs.topk(min(int(topk), probs.numel()))
-    return [(module.answers[i], float(s)) for i, s in zip(idx.tolist(), scores.tolist(), strict=True)]
+    inputs = question_batch(module, question, picture)
+    with EvalMode(module):
+        logits = module(inputs.batch)
+    return top_answers(module, logits[0], topk)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -293,11 +269,11 @@ def answer_split(
                         collate_fn=partial(collate_vqa, size_divisibility=size_div))
     device = next(module.parameters()).device
     answers: dict[int, str] = {}
-    with _EvalMode(module):
+    with EvalMode(module):
         for batch in loader:
             if batch is None:
                 continue
-            logits = module(_to(batch, device))
+            logits = module(batch_to(batch, device))
             for qid, ans in zip(batch["question_id"].tolist(), module.predict_answers(logits), strict=True):
                 answers[qid] = ans
     blind = [e.question_id for e in entries if e.question_id not in answers]

@@ -3,20 +3,26 @@
     python -m gridvqa.benchmarks.extraction --arch R-50 --size 600 1000 --images 6 --device cpu --batch 1
     (scripts/bench_extraction.py takes the same flags)
 
-Four timings over the same JPEG files (written to a temp folder, sized so the resize rule gives exactly
---size), each through the real extraction code (DataLoader decoding + resizing, forward, HDF5 writing):
-  backbone   the bare backbone forward on the already decoded, resized and batched tensors (no I/O)
-  grid       grid extraction: res5 map, stride 32 (--res5-dilation 2: 16), written to HDF5
+Rows over the same JPEG files (written to a temp folder, sized so the resize rule gives exactly --size),
+each through the real extraction code (DataLoader decoding + resizing, forward, HDF5 writing):
+  backbone   the bare backbone forward on the already decoded, resized tensors already on the device (no
+             I/O), at the best of --backbone-batches (each batch size's figure is kept in `sweep`)
+  grid       grid extraction: res5 map, stride 32 (--res5-dilation 2: 16), written to HDF5; also its rate
+             after the loader's start-up (the batches after the first --workers ones), which is what a
+             large split sees: start-up is paid once per file
   region@P   bottom-up C4 region extraction with P test-time proposals (default 1000 and 300)
-and, unless --no-breakdown, where the grid run's time goes (same images and settings):
+once per --precision (float32, bfloat16 autocast), and, unless --no-breakdown, for the first precision,
+where the grid run's time goes (same images and settings):
   loader     the extraction's DataLoader alone (decode + resize + collate, pinning on a GPU); its first
              batch waits for the worker start-up, reported apart as startup_seconds
   compute    host->device copy, grid forward and the device->host copy of each map in the file's dtype,
-             on already decoded batches (no loader, no writer)
+             on batches decoded and resized beforehand as preprocess=workers hands them over (no loader,
+             no writer)
   writer     the FeatureWriter alone, adding and committing as many maps of the grid file's shape and
              dtype; close (consolidation) is reported apart, as it is for grid and region
 The main thread does compute + writer while the loader's workers decode ahead, so the grid row can be
 no faster than the slower of (compute + writer) and loader.
+Every row has peak_memory_mb on a GPU (torch.cuda.max_memory_allocated over the row; None on a CPU).
 Random weights (timing only). A random detector keeps few boxes above its thresholds, but the C4 head runs
 res5 on *every* post-NMS proposal before scoring (as bottom-up's test-time head does), so the per-region cost
 is the real one; the script counts the regions res5 actually ran on and prints them.
@@ -26,12 +32,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import platform
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +44,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from gridvqa.benchmarks.common import (
+    PeakMemory,
+    device_name,
+    environment,
+    ratio,
+    sync,
+    timed_row,
+    write_json,
+)
 from gridvqa.config import conf_dir, register_resolvers
-from gridvqa.data.features import FeatureWriter, GridFeatures
+from gridvqa.data.features import FeatureWriter, GridFeatures, RegionFeatures
+from gridvqa.devices import resolve_device
 from gridvqa.extraction import (
     PRECISIONS,
     ExtractionDataset,
@@ -53,7 +68,6 @@ from gridvqa.extraction import (
     grid_to_host,
     plan_batches,
     prepare_model,
-    resolve_device,
 )
 from gridvqa.models.backbone import ARCHS, default_stride_in_1x1
 
@@ -73,7 +87,10 @@ def make_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> N
         im.save(folder / f"COCO_bench_{i + 1:012d}.jpg", quality=90)
 
 
-def compose_cfg(args: argparse.Namespace, folder: Path, kind: str, proposals: int = 1000):
+def compose_cfg(
+    args: argparse.Namespace, folder: Path, kind: str, proposals: int = 1000, precision: str | None = None
+):
+    """conf/extract.yaml as `python -m gridvqa.extract` composes it, set to this benchmark's sizes."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -94,109 +111,192 @@ def compose_cfg(args: argparse.Namespace, folder: Path, kind: str, proposals: in
         f"batch_size={args.batch}",
         f"num_workers={args.workers}",
         f"device={args.device}",
-        f"precision={args.precision}",
+        f"precision={precision or args.precision[0]}",
         f"region.proposals={proposals}",
         "progress=false",
+        *args.extract_override,
     ]
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         return compose("extract", overrides=overrides)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def time_extraction(cfg, items, device: torch.device) -> dict:
+@dataclass
+class Bench:
+    """One benchmark run: its settings, images, device and the models built so far (built once each:
+    a random X-152 takes seconds to initialise, and autocast does not change the weights)."""
+
+    args: argparse.Namespace
+    device: torch.device
+    folder: Path
+    items: list
+    models: dict[tuple, tuple[Any, dict]] = field(default_factory=dict)
+    decoded: list[dict] = field(default_factory=list)  # ExtractionDataset items, in order
+
+    def cfg(self, kind: str, precision: str, proposals: int = 1000, batch: int | None = None):
+        cfg = compose_cfg(self.args, self.folder, kind, proposals, precision)
+        if batch is not None:
+            cfg.batch_size = batch
+        return cfg
+
+    def model(self, cfg) -> tuple[Any, dict]:
+        """The extractor cfg describes, moved to the device and set up as extraction's run() does."""
+        opts = model_options(cfg)
+        proposals = int(cfg.region.proposals) if cfg.kind == "region" else 0
+        key = (str(cfg.kind), proposals, bool(cfg.channels_last), tuple(sorted(opts.items())))
+        if key not in self.models:
+            model, prov = build_extractor(cfg)
+            prepare_model(model, self.device, bool(cfg.channels_last), **opts)
+            self.models[key] = (model, prov)
+        return self.models[key]
+
+    def batches(self, cfg, n: int | None = None, pin: bool = False) -> list[tuple[torch.Tensor, list]]:
+        """The batches extract() forms from the first n images (default all), decoded and resized up front
+        as its workers do with preprocess=workers: (images, sizes) per padded shape, on the device or, with
+        `pin`, in pinned host memory. Every row uses the same files and resize: each is decoded once."""
+        ds = ExtractionDataset(self.items, build_pipeline(cfg))
+        for i in range(len(self.decoded), len(self.items) if n is None else n):
+            self.decoded.append(ds[i])
+        items = self.items if n is None else self.items[:n]
+        out = []
+        for b in plan_batches(items, ds.pipeline.resize, int(cfg.batch_size)):
+            for g in collate_extraction([self.decoded[i] for i in b])["groups"]:
+                x = g["images"].pin_memory() if pin else g["images"].to(self.device)
+                out.append((x, g["sizes"]))
+        return out
+
+    def loop_options(self, cfg) -> dict[str, Any]:
+        """extract()'s keywords that conf/extract.yaml sets beyond the sizes (where the config has them)."""
+        preprocess = cfg.get("preprocess")
+        if preprocess is None:
+            return {}
+        if preprocess == "auto":  # as extraction's run(): resize on a GPU, in the workers on a CPU
+            preprocess = "device" if self.device.type == "cuda" else "workers"
+        return {"preprocess": str(preprocess)}
+
+
+def model_options(cfg) -> dict[str, bool]:
+    """prepare_model()'s keywords that conf/extract.yaml sets (torch.compile, cudnn's algorithm search)."""
+    return {k: bool(cfg[k]) for k in ("compile", "cudnn_benchmark") if cfg.get(k) is not None}
+
+
+def warm_up(model, cfg, batches: Sequence[tuple[torch.Tensor, list]], device: torch.device) -> None:
+    """One forward per distinct input shape before timing: cudnn's algorithm search (benchmark mode) and
+    one-off allocations happen on the first batch of each shape, and are not what we measure."""
+    seen = set()
+    with torch.inference_mode(), autocast_for(str(cfg.precision), device):
+        for x, sizes in batches:
+            if tuple(x.shape) not in seen:
+                seen.add(tuple(x.shape))
+                model(x.to(device), sizes)
+    sync(device)
+
+
+def time_backbone(bench: Bench, precision: str, batch: int) -> dict:
+    """The grid model's backbone alone on batches already decoded, resized and on the device (no I/O)."""
+    cfg = bench.cfg("grid", precision, batch=batch)
+    model, _ = bench.model(cfg)
+    batches = bench.batches(cfg)
+    warm_up(model, cfg, batches, bench.device)
+    with torch.inference_mode(), timed_row(bench.device, len(bench.items)) as row:
+        for x, _ in batches:
+            with autocast_for(precision, bench.device):
+                model.backbone(x)
+    row["batch"] = batch
+    return row
+
+
+def backbone_sweep(bench: Bench, precision: str) -> dict:
+    """The bare backbone at each of --backbone-batches; the row is the fastest, with every figure."""
+    rows = {b: time_backbone(bench, precision, b) for b in bench.args.backbone_batches}
+    best = max(rows.values(), key=lambda r: r["images_per_s"])
+    return best | {"sweep": {str(b): r["images_per_s"] for b, r in rows.items()}}
+
+
+def time_extraction(bench: Bench, cfg) -> dict:
     """One extraction run into a fresh HDF5 file; regions counted at the input of res5."""
-    model, prov = build_extractor(cfg)
-    prepare_model(model, device, bool(cfg.channels_last))
-    warm_up(model, cfg, items, device)
+    model, prov = bench.model(cfg)
+    # a full batch and, when the last one is shorter, one of its size: the shapes the run will see
+    n, batch = len(bench.items), int(cfg.batch_size)
+    for k in {min(n, batch), n % batch} - {0}:
+        warm_up(model, cfg, bench.batches(cfg, k), bench.device)
     regions: list[int] = []
+    hook = None
     if model.kind == "region":
-        model.detector.backbone.res5.register_forward_pre_hook(lambda m, a: regions.append(a[0].shape[0]))
-    with FeatureWriter(cfg.output, model.kind, prov, dtype=cfg.dtype, overwrite=True) as writer:
-        s = extract(
-            items,
-            model,
-            build_pipeline(cfg),
-            writer,
-            batch_size=cfg.batch_size,
-            num_workers=cfg.num_workers,
-            device=device,
-            precision=cfg.precision,
-            progress=False,
+        hook = model.detector.backbone.res5.register_forward_pre_hook(
+            lambda m, a: regions.append(a[0].shape[0])
         )
-        sync(device)
-        closing = time.perf_counter()
+    done_at: list[tuple[float, int]] = []  # (time, images so far) after each batch
+    try:
+        with (
+            PeakMemory(bench.device) as peak,
+            FeatureWriter(cfg.output, model.kind, prov, dtype=cfg.dtype, overwrite=True) as writer,
+        ):
+            s = extract(
+                bench.items, model, build_pipeline(cfg), writer,
+                batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers), device=bench.device,
+                precision=str(cfg.precision), commit_images=int(cfg.commit_images), progress=False,
+                on_batch=lambda n: done_at.append((time.perf_counter(), n)), **bench.loop_options(cfg),
+            )  # fmt: skip
+            sync(bench.device)
+            closing = time.perf_counter()
+    finally:
+        if hook is not None:
+            hook.remove()
     # not in `seconds` (extract() ends with the last commit): consolidation copies every row once more
     out = {
         "images": s.done_now,
         "seconds": s.seconds,
         "images_per_s": s.images_per_s,
         "close_seconds": time.perf_counter() - closing,
+        "peak_memory_mb": peak.mb,
     }
+    out |= _after_startup(done_at, int(cfg.num_workers))
     if regions:
         out["res5_regions_per_image"] = sum(regions) / s.done_now
-        from gridvqa.data.features import RegionFeatures
-
         with RegionFeatures(cfg.output) as r:
             out["boxes_per_image"] = float(np.mean([r.num_boxes(i) for i in r.image_ids]))
     return out
 
 
-def warm_up(model, cfg, items, device: torch.device) -> None:
-    """One forward before timing: one-off kernel selection / allocation is not what we measure."""
-    group = collate_extraction([ExtractionDataset(items, build_pipeline(cfg))[0]])["groups"][0]
-    with torch.inference_mode():
-        model(group["images"].to(device), group["sizes"])
-    sync(device)
+def _after_startup(done_at: list[tuple[float, int]], workers: int) -> dict:
+    """The rate over the batches after the first max(1, workers): each worker's first batch waits for its
+    start-up, and they arrive together; after them the batches come at the pipeline's own pace."""
+    skip = max(1, workers)
+    if len(done_at) <= skip:
+        return {}
+    t0 = done_at[skip - 1][0]
+    images = sum(n for _, n in done_at[skip:])
+    seconds = done_at[-1][0] - t0
+    return {
+        "after_startup_images": images,
+        "after_startup_images_per_s": images / seconds if seconds else 0.0,
+    }
 
 
-def count_gflops(cfg, items, device: torch.device) -> float:
+def count_gflops(bench: Bench, cfg) -> float:
     """Multiply-adds x2 of one image's forward (torch's FlopCounterMode: convs and matmuls only)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model, _ = build_extractor(cfg)
-    prepare_model(model, device, bool(cfg.channels_last))
-    group = collate_extraction([ExtractionDataset(items, build_pipeline(cfg))[0]])["groups"][0]
-    x = group["images"].to(device)
+    model, _ = bench.model(cfg)
+    x, sizes = bench.batches(cfg, 1)[0]
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(x, group["sizes"])
+        model(x, sizes)
     return counter.get_total_flops() / 1e9
 
 
-def time_backbone(cfg, items, device: torch.device) -> dict:
-    """The grid model's backbone alone, on the same batches, already decoded and resized (no I/O)."""
-    model, _ = build_extractor(cfg)
-    prepare_model(model, device, bool(cfg.channels_last))
-    warm_up(model, cfg, items, device)
-    ds = ExtractionDataset(items, build_pipeline(cfg))
-    batches = [
-        collate_extraction([ds[i] for i in b])
-        for b in plan_batches(items, ds.pipeline.resize, cfg.batch_size)
-    ]
-    groups = [g["images"].to(device) for b in batches for g in b["groups"]]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bfloat16" else None
-    sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for x in groups:
-            if autocast is not None:
-                with autocast:
-                    model.backbone(x)
-            else:
-                model.backbone(x)
-    sync(device)
-    seconds = time.perf_counter() - start
-    return {"images": len(items), "seconds": seconds, "images_per_s": len(items) / seconds}
-
-
-def time_loader(cfg, items, device: torch.device) -> dict:
-    """The extraction's DataLoader alone, batches planned as extract() plans them, no model."""
-    pipeline = build_pipeline(cfg)
+def time_loader(bench: Bench, cfg) -> dict:
+    """The extraction's DataLoader alone, batches planned as extract() plans them, no model (with
+    preprocess=device its workers only decode: the resize is then the device's, not timed here)."""
+    items, pipeline = bench.items, build_pipeline(cfg)
     batches = plan_batches(items, pipeline.resize, cfg.batch_size)
-    loader = extraction_loader(items, pipeline, batches, cfg.num_workers, device)
+    loader = extraction_loader(
+        items, pipeline, batches, cfg.num_workers, bench.device, **bench.loop_options(cfg)
+    )
     images, first, first_images = 0, None, 0
     start = time.perf_counter()
     for batch in loader:  # iter() starts the workers, inside the timed region as in extract()
@@ -211,36 +311,24 @@ def time_loader(cfg, items, device: torch.device) -> dict:
         "images_per_s": images / seconds,
         "startup_seconds": first or 0.0,  # worker start-up + the first batch
         "after_startup_images_per_s": steady,
+        "peak_memory_mb": None,  # no device work
     }
 
 
-def time_compute(cfg, items, device: torch.device) -> dict:
+def time_compute(bench: Bench, cfg) -> dict:
     """What the main thread of a grid run does besides writing, on already decoded batches: the copy to
     the device, the forward and each map's copy back in the file's dtype (extraction's own grid_to_host)."""
-    model, _ = build_extractor(cfg)
-    prepare_model(model, device, bool(cfg.channels_last))
-    warm_up(model, cfg, items, device)
-    ds = ExtractionDataset(items, build_pipeline(cfg))
-    batches = [
-        collate_extraction([ds[i] for i in b])
-        for b in plan_batches(items, ds.pipeline.resize, cfg.batch_size)
-    ]
-    pin = device.type == "cuda"  # as the extraction's DataLoader hands them over
-    groups = [
-        (g["images"].pin_memory() if pin else g["images"], g["sizes"]) for b in batches for g in b["groups"]
-    ]
-    dtype = PRECISIONS[cfg.precision]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for x, sizes in groups:
-            with autocast:
-                outs = model(x.to(device, non_blocking=True), sizes)
+    model, _ = bench.model(cfg)
+    # pinned on a GPU, as the extraction's DataLoader hands them over
+    batches = bench.batches(cfg, pin=bench.device.type == "cuda")
+    warm_up(model, cfg, batches, bench.device)
+    with torch.inference_mode(), timed_row(bench.device, len(bench.items)) as row:
+        for x, sizes in batches:
+            with autocast_for(str(cfg.precision), bench.device):
+                outs = model(x.to(bench.device, non_blocking=True), sizes)
             for out in outs:
                 grid_to_host(out, cfg.dtype)
-    seconds = time.perf_counter() - start
-    return {"images": len(items), "seconds": seconds, "images_per_s": len(items) / seconds}
+    return row
 
 
 def time_writer(grid_file: Path, images: int, commit_images: int, folder: Path) -> dict:
@@ -277,6 +365,7 @@ def time_writer(grid_file: Path, images: int, commit_images: int, folder: Path) 
         "grid_shape": [h, w, c],
         "dtype": dtype,
         "megabytes": images * h * w * c * np.dtype(dtype).itemsize / 1e6,
+        "peak_memory_mb": None,  # no device work
     }
 
 
@@ -293,9 +382,23 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--images", type=int, default=6)
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="images per batch of the extraction rows")
+    p.add_argument(
+        "--backbone-batches",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="B",
+        help="batch sizes the bare backbone is timed at; its row is the fastest (default: --batch)",
+    )
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (decoding, resizing)")
-    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        default=["float32"],
+        choices=list(PRECISIONS),
+        help="every row once per precision (bfloat16: autocast); the first fills `results`",
+    )
     p.add_argument(
         "--res5-dilation",
         type=int,
@@ -305,6 +408,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--proposals", type=int, nargs="*", default=[1000, 300], help="region rows (none: grid rows only)"
+    )
+    p.add_argument(
+        "--extract-override",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more overrides of conf/extract.yaml for every row (e.g. channels_last=false)",
     )
     p.add_argument("--flops", action="store_true", help="also count GFLOPs per image (one more forward each)")
     p.add_argument(
@@ -317,64 +427,134 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.images < 1 or args.batch < 1 or args.workers < 0:
+        p.error("--images and --batch must be >= 1, --workers >= 0")
+    args.backbone_batches = sorted(set(args.backbone_batches or [args.batch]))
+    if args.backbone_batches[0] < 1:
+        p.error("--backbone-batches must be >= 1")
+    args.precision = list(dict.fromkeys(args.precision))  # each once, in the order given
+    return args
+
+
+def measure_precision(bench: Bench, precision: str, breakdown: bool) -> dict[str, Any]:
+    """Every row at one precision: {"results": {name: row}} (+ "breakdown" when asked)."""
+    args = bench.args
+    results = {"backbone": backbone_sweep(bench, precision)}
+    _report("backbone", results["backbone"])
+    grid_cfg = bench.cfg("grid", precision)
+    results["grid"] = time_extraction(bench, grid_cfg)
+    _report("grid", results["grid"])
+    for n in args.proposals:
+        name = f"region@{n}"
+        results[name] = time_extraction(bench, bench.cfg("region", precision, n))
+        _report(name, results[name])
+    out: dict[str, Any] = {"results": results}
+    if breakdown:
+        parts = {
+            "loader": time_loader(bench, grid_cfg),
+            "compute": time_compute(bench, grid_cfg),
+            "writer": time_writer(
+                Path(grid_cfg.output), args.images, int(grid_cfg.commit_images), bench.folder
+            ),
+        }
+        print("  where the grid run's time goes (same images and settings):")
+        for name, r in parts.items():
+            _report(name, r, indent=4)
+        out["breakdown"] = parts
+    if args.flops:
+        results["grid"]["gflops_per_image"] = count_gflops(bench, grid_cfg)
+        for n in args.proposals:
+            results[f"region@{n}"]["gflops_per_image"] = count_gflops(
+                bench, bench.cfg("region", precision, n)
+            )
+    return out
+
+
 def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Every row (and, unless --no-breakdown, the grid run's parts) on one temporary set of images:
-    {"results": {name: row}, "breakdown": {part: row}}."""
+    """Every row at every precision on one temporary set of images: {"results", "breakdown"} for the
+    first precision (the rows reports read) and {"precisions": {precision: {"results", ...}}}."""
     with tempfile.TemporaryDirectory(prefix="bench_extraction_") as tmp:
         folder = Path(tmp)
         make_images(folder, args.images, (min(args.size), max(args.size)))
-        items = folder_images(folder, folder / "ids.json")
-        grid_cfg = compose_cfg(args, folder, "grid")
-        h, w = build_pipeline(grid_cfg).resize.output_size(
+        bench = Bench(args, device, folder, folder_images(folder, folder / "ids.json"))
+        h, w = build_pipeline(bench.cfg("grid", args.precision[0])).resize.output_size(
             round(min(args.size) * 0.6), round(max(args.size) * 0.6)
         )
         print(
             f"{args.arch}, {args.images} images {w}x{h} (w x h), grid at output stride "
-            f"{32 // args.res5_dilation}, batch {args.batch}, {args.precision}, "
-            f"device {device} ({_device_name(device)}), torch {torch.__version__}, "
+            f"{32 // args.res5_dilation}, batch {args.batch} (backbone: best of "
+            f"{', '.join(map(str, args.backbone_batches))}), {args.workers} workers, "
+            f"device {device} ({device_name(device)}), torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads",
             flush=True,
         )
-        results = {"backbone": time_backbone(grid_cfg, items, device)}
-        _report("backbone", results["backbone"])
-        results["grid"] = time_extraction(grid_cfg, items, device)
-        _report("grid", results["grid"])
+        grid_cfg = bench.cfg("grid", args.precision[0])
+        options = {"channels_last": bool(grid_cfg.channels_last), **model_options(grid_cfg)}
+        options |= bench.loop_options(grid_cfg)
+        print("extraction options: " + ", ".join(f"{k}={v}" for k, v in options.items()), flush=True)
+        precisions = {}
+        for i, precision in enumerate(args.precision):
+            print(f"{precision}:", flush=True)
+            precisions[precision] = measure_precision(bench, precision, args.breakdown and i == 0)
+    first = precisions[args.precision[0]]
+    return {
+        "results": first["results"],
+        "breakdown": first.get("breakdown", {}),
+        "precisions": precisions,
+        "options": options,
+    }
+
+
+def ratios(record: dict[str, Any]) -> dict[str, Any]:
+    """The figures the goals are about, per precision, and each row's bfloat16 / float32 throughput."""
+    out: dict[str, Any] = {}
+    precisions = record.get("precisions") or {"float32": {"results": record["results"]}}
+    for precision, p in precisions.items():
+        res = p["results"]
+        grid, bare = res["grid"], res["backbone"]["images_per_s"]
+        r = {
+            "grid_over_backbone": ratio(grid["images_per_s"], bare),
+            "grid_after_startup_over_backbone": ratio(grid.get("after_startup_images_per_s"), bare),
+        }
+        grid_t = grid["seconds"] / grid["images"]
+        for name, row in res.items():
+            if name.startswith("region@"):
+                r[f"{name}_over_grid"] = (row["seconds"] / row["images"]) / grid_t
+        out[precision] = r
+    if "float32" in precisions and "bfloat16" in precisions:
+        fp32, bf16 = precisions["float32"]["results"], precisions["bfloat16"]["results"]
+        out["bfloat16_over_float32"] = {
+            name: ratio(bf16[name]["images_per_s"], fp32[name]["images_per_s"])
+            for name in fp32
+            if name in bf16
+        }
+    return out
+
+
+def print_ratios(args: argparse.Namespace, record: dict[str, Any]) -> None:
+    results, breakdown, r = record["results"], record.get("breakdown") or {}, record["ratios"]
+    for precision in args.precision:
+        p = r[precision]
+        print(f"ratios, {precision} (time per image):")
         for n in args.proposals:
-            name = f"region@{n}"
-            results[name] = time_extraction(compose_cfg(args, folder, "region", n), items, device)
-            _report(name, results[name])
-        breakdown = {}
-        if args.breakdown:
-            breakdown["loader"] = time_loader(grid_cfg, items, device)
-            breakdown["compute"] = time_compute(grid_cfg, items, device)
-            grid_file = Path(grid_cfg.output)
-            breakdown["writer"] = time_writer(grid_file, args.images, int(grid_cfg.commit_images), folder)
-            print("  where the grid run's time goes (same images and settings):")
-            for name, r in breakdown.items():
-                _report(name, r, indent=4)
-        if args.flops:
-            results["grid"]["gflops_per_image"] = count_gflops(grid_cfg, items, device)
-            for n in args.proposals:
-                cfg = compose_cfg(args, folder, "region", n)
-                results[f"region@{n}"]["gflops_per_image"] = count_gflops(cfg, items, device)
-    return {"results": results, "breakdown": breakdown}
-
-
-def print_ratios(args: argparse.Namespace, results: dict[str, dict], breakdown: dict[str, dict]) -> None:
-    grid_t = results["grid"]["seconds"] / results["grid"]["images"]
-    print("ratios (time per image):")
-    for n in args.proposals:
-        r = results[f"region@{n}"]
-        print(f"  region@{n} / grid   = {r['seconds'] / r['images'] / grid_t:6.1f}x")
+            print(f"  region@{n} / grid   = {p[f'region@{n}_over_grid']:6.1f}x")
+        after = p["grid_after_startup_over_backbone"]
+        after_text = f", after the loader's start-up {after:5.2f}" if after is not None else ""
+        print(f"  grid throughput / bare backbone = {p['grid_over_backbone']:5.2f}{after_text}")
+    if "bfloat16_over_float32" in r:
+        text = ", ".join(f"{k} {v:.2f}x" for k, v in r["bfloat16_over_float32"].items() if v is not None)
+        print(f"bfloat16 / float32 throughput: {text}")
     if args.flops:
         g = results["grid"]["gflops_per_image"]
         region = {n: results[f"region@{n}"]["gflops_per_image"] for n in args.proposals}
         text = ", ".join(f"region@{n} {f:.0f} ({f / g:.1f}x)" for n, f in region.items())
         print(f"GFLOPs per image (convs + matmuls): grid {g:.0f}, {text}")
-    bare = results["backbone"]["images_per_s"]
-    print(f"  grid throughput / bare backbone = {results['grid']['images_per_s'] / bare:5.2f}")
     if breakdown:
-        ms = {k: 1000 * r["seconds"] / r["images"] for k, r in breakdown.items()}
+        grid_t = results["grid"]["seconds"] / results["grid"]["images"]
+        ms = {k: 1000 * row["seconds"] / row["images"] for k, row in breakdown.items()}
         main_ms = ms["compute"] + ms["writer"]
         print(
             f"per image: main thread compute {ms['compute']:.1f} ms + writer {ms['writer']:.1f} ms "
@@ -383,28 +563,35 @@ def print_ratios(args: argparse.Namespace, results: dict[str, dict], breakdown: 
         )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure, print and (with --json) write; returns the record."""
     device = resolve_device(args.device)
     measured = measure(args, device)
-    results, breakdown = measured["results"], measured["breakdown"]
-    print_ratios(args, results, breakdown)
+    record: dict[str, Any] = {
+        "args": vars(args) | {"json": str(args.json)},
+        "environment": environment(device),
+        "options": measured["options"],
+        "results": measured["results"],
+    }
+    if measured["breakdown"]:  # apart from "results": reports read every row there as an extraction kind
+        record["breakdown"] = measured["breakdown"]
+    record["precisions"] = measured["precisions"]
+    record["ratios"] = ratios(record)
+    print_ratios(args, record)
     if args.json is not None:
-        record = {"args": vars(args) | {"json": str(args.json)}, "results": results}
-        if breakdown:  # apart from "results": reports read every row there as an extraction kind
-            record["breakdown"] = breakdown
-        args.json.write_text(json.dumps(record, indent=1))
+        write_json(args.json, record)
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run(parse_args(argv))
     return 0
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
 
 
 def _report(name: str, r: dict, indent: int = 2) -> None:
     notes = []
+    if "sweep" in r:
+        notes.append("batch " + ", ".join(f"{b}: {v:.2f}" for b, v in r["sweep"].items()) + " images/s")
     if "res5_regions_per_image" in r:
         regions, boxes = r["res5_regions_per_image"], r["boxes_per_image"]
         notes.append(f"res5 ran on {regions:.0f} regions/image, {boxes:.0f} boxes kept")
@@ -413,6 +600,8 @@ def _report(name: str, r: dict, indent: int = 2) -> None:
             f"first batch after {r['startup_seconds']:.2f} s (worker start-up), "
             f"then {r['after_startup_images_per_s']:.2f} images/s"
         )
+    elif "after_startup_images_per_s" in r:
+        notes.append(f"after the loader's start-up {r['after_startup_images_per_s']:.2f} images/s")
     if "add_seconds" in r:
         shape = "x".join(map(str, r["grid_shape"]))
         notes.append(
@@ -421,6 +610,8 @@ def _report(name: str, r: dict, indent: int = 2) -> None:
         )
     if "close_seconds" in r:
         notes.append(f"close +{r['close_seconds']:.2f} s, not counted")
+    if r.get("peak_memory_mb") is not None:
+        notes.append(f"peak {r['peak_memory_mb']:.0f} MiB")
     extra = f"  ({'; '.join(notes)})" if notes else ""
     pad = " " * indent
     print(f"{pad}{name:<10} {r['images_per_s']:8.3f} images/s  {r['seconds']:8.2f} s{extra}", flush=True)

@@ -15,7 +15,9 @@ Only torch / torchvision / PIL / numpy here: datasets import this module in ever
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 import random
 import re
@@ -273,6 +275,90 @@ def resize_from_text(text: str) -> Resize | None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Resampling: Pillow's bilinear, on PIL images in the loader workers or on uint8 tensors on any device
+
+# Pillow's fixed-point precision for 8-bit images (libImaging/Resample.c: PRECISION_BITS = 32 - 8 - 2).
+_PRECISION_BITS = 22
+
+
+def resize_pil(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`img` resized to (h, w) with Pillow's antialiased bilinear filter (detectron2's ResizeTransform, so
+    grid-feats-vqa's), one axis at a time: the horizontal pass, rounded to 8 bits, then the vertical one.
+
+    Pillow's own two-axis resize runs the same two passes but picks their order by cost, which moves a few
+    pixels by one level; fixing the order is what lets `resize_uint8` give the same bytes on a GPU.
+    """
+    h, w = size
+    if min(h, w) <= 0:
+        raise ValueError(f"resize: output size must be positive, got {h}x{w}")
+    if img.width != w:
+        img = img.resize((w, img.height), Image.Resampling.BILINEAR)
+    if img.height != h:
+        img = img.resize((w, h), Image.Resampling.BILINEAR)
+    return img
+
+
+@functools.lru_cache(maxsize=1024)
+def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices [out, K] and fixed-point weights [out, K] of Pillow's bilinear resampling along one
+    axis: the double-precision steps of Resample.c (precompute_coeffs, normalize_coeffs_8bpc) in the same
+    order, so the integer weights are Pillow's own. Unused taps point at a valid index with weight 0."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale  # the bilinear (triangle) filter has support 1
+    ksize = int(math.ceil(support)) * 2 + 1
+    center = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    count = np.minimum(np.trunc(center + support + 0.5), in_size).astype(np.int64) - xmin
+    index = xmin[:, None] + np.arange(ksize)[None, :]
+    t = np.abs((index.astype(np.float64) - center[:, None] + 0.5) * (1.0 / filterscale))
+    used = np.arange(ksize)[None, :] < count[:, None]
+    k = np.where(used & (t < 1.0), 1.0 - t, 0.0)
+    total = np.cumsum(k, axis=1)[:, -1:]  # a running sum, as the C loop adds the taps one by one
+    k = np.divide(k, total, out=k.copy(), where=total != 0.0)
+    fixed = k * (1 << _PRECISION_BITS)
+    weights = np.where(fixed < 0, np.trunc(-0.5 + fixed), np.trunc(0.5 + fixed)).astype(np.int32)
+    return np.minimum(index, in_size - 1), weights
+
+
+def _resample(x: torch.Tensor, dim: int, out_size: int) -> torch.Tensor:
+    """int32 [..., n, ...] -> int32 with `out_size` along `dim`, values 0..255, in Pillow's fixed-point
+    arithmetic (the sums of 8-bit values times 22-bit weights fit int32, as in Pillow's C)."""
+    index, weights = _bilinear_taps(int(x.shape[dim]), out_size)
+    idx = torch.from_numpy(index).to(x.device, non_blocking=True)
+    w = torch.from_numpy(weights).to(x.device, non_blocking=True)
+    shape = [1] * x.ndim
+    shape[dim] = out_size
+    acc = torch.full((), 1 << (_PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
+    for k in range(index.shape[1]):  # a handful of taps: one gather and multiply-add each
+        acc = acc + x.index_select(dim, idx[:, k]) * w[:, k].view(shape)
+    return (acc >> _PRECISION_BITS).clamp_(0, 255)
+
+
+def resize_uint8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [..., H, W] on any device -> uint8 [..., h, w], bit-identical to `resize_pil`.
+
+    Why not torchvision's resize: on a CPU with AVX2 it runs a uint8 kernel of its own (1 level off Pillow
+    on a few pixels in a thousand), on a GPU a float one (1 level off on about a fifth of the pixels), so a
+    GPU run would not see the pixels the CPU path sees. Integer arithmetic gives the same bytes everywhere.
+    Slow on a CPU (gathers in torch); loader workers use `resize_pil`, which Pillow runs in C.
+    """
+    if x.dtype != torch.uint8:
+        raise ValueError(f"resize_uint8 needs a uint8 image tensor, got {x.dtype}")
+    h, w = size
+    if min(h, w) <= 0:
+        raise ValueError(f"resize_uint8: output size must be positive, got {h}x{w}")
+    if tuple(x.shape[-2:]) == (h, w):
+        return x
+    y = x.to(torch.int32)
+    if y.shape[-1] != w:
+        y = _resample(y, -1, w)
+    if y.shape[-2] != h:
+        y = _resample(y, -2, h)
+    return y.to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Normalisation
 
 
@@ -362,6 +448,68 @@ def _floats3(value: Any, key: str) -> tuple[float, float, float] | None:
     return out  # type: ignore[return-value]
 
 
+def _check_size(value: Any, key: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        size = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        size = ()
+    if len(size) != 2 or min(size) <= 0:
+        raise ConfigError(f"{key}={value!r}: expected [height, width], both > 0")
+    return size  # type: ignore[return-value]
+
+
+def _check_short(value: Any, key: str) -> int | tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        scalar = isinstance(value, (int, float, np.integer, np.floating))
+        shorts = (int(value),) if scalar else tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        shorts = ()
+    if not shorts or min(shorts) <= 0:
+        raise ConfigError(f"{key}={value!r}: expected a positive shorter side "
+                          "(or a list of them to choose from)")
+    return shorts[0] if len(shorts) == 1 else shorts
+
+
+def _check_max_size(value: Any, key: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        max_size = int(value)
+    except (TypeError, ValueError):
+        max_size = 0
+    if max_size <= 0:
+        raise ConfigError(f"{key}={value!r}: expected a size > 0 or null")
+    return max_size
+
+
+def _check_norm(value: Any, key: str) -> str | None:
+    if value is not None and str(value) not in NORMS:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(NORMS)} or null "
+                          "(null: as the weights record)")
+    return None if value is None else str(value)
+
+
+def _check_std(value: Any, key: str) -> tuple[float, float, float] | None:
+    std = _floats3(value, key)
+    if std is not None and min(std) <= 0:
+        raise ConfigError(f"{key}={list(std)}: every std must be positive")
+    return std
+
+
+def _check_hflip(value: Any, key: str) -> float:
+    try:
+        hflip = float(value)
+    except (TypeError, ValueError):
+        hflip = -1.0
+    if not 0.0 <= hflip <= 1.0:
+        raise ConfigError(f"{key}={value!r}: expected a probability in [0, 1]")
+    return hflip
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """How a decoded image becomes network input: the resize rule, the pixel normalisation and the flip.
@@ -385,55 +533,23 @@ class ImageSpec:
         return self.keys.get(name, name)
 
     def __post_init__(self) -> None:
-        def put(name: str, value: Any) -> None:
-            object.__setattr__(self, name, value)
-
-        if self.size is not None:
-            try:
-                size = tuple(int(v) for v in self.size)
-            except (TypeError, ValueError):
-                size = ()
-            if len(size) != 2 or min(size) <= 0:
-                raise ConfigError(f"{self.key('size')}={self.size!r}: expected [height, width], both > 0")
-            put("size", size)
-        if self.short is not None:
-            try:
-                scalar = isinstance(self.short, (int, float, np.integer, np.floating))
-                shorts = (int(self.short),) if scalar else tuple(int(v) for v in self.short)
-            except (TypeError, ValueError):
-                shorts = ()
-            if not shorts or min(shorts) <= 0:
-                raise ConfigError(f"{self.key('short')}={self.short!r}: expected a positive shorter side "
-                                  "(or a list of them to choose from)")
-            put("short", shorts[0] if len(shorts) == 1 else shorts)
-        if self.max_size is not None:
-            try:
-                max_size = int(self.max_size)
-            except (TypeError, ValueError):
-                max_size = 0
-            if max_size <= 0:
-                raise ConfigError(f"{self.key('max_size')}={self.max_size!r}: expected a size > 0 or null")
-            put("max_size", max_size)
-        if self.size is None and self.short is None:
+        checked: dict[str, Any] = {
+            "size": _check_size(self.size, self.key("size")),
+            "short": _check_short(self.short, self.key("short")),
+            "max_size": _check_max_size(self.max_size, self.key("max_size")),
+        }
+        if checked["size"] is None and checked["short"] is None:
             raise ConfigError(f"no resize rule: set {self.key('size')}=[H,W], or {self.key('short')}=S "
                               f"(and {self.key('max_size')}=M)")
-        if self.norm is not None and str(self.norm) not in NORMS:
-            raise ConfigError(f"{self.key('norm')}={self.norm!r}: expected one of {', '.join(NORMS)} or null "
-                              "(null: as the weights record)")
-        put("norm", None if self.norm is None else str(self.norm))
-        put("mean", _floats3(self.mean, self.key("mean")))
-        std = _floats3(self.std, self.key("std"))
-        if std is not None and min(std) <= 0:
-            raise ConfigError(f"{self.key('std')}={list(std)}: every std must be positive")
-        put("std", std)
-        try:
-            hflip = float(self.hflip)
-        except (TypeError, ValueError):
-            hflip = -1.0
-        if not 0.0 <= hflip <= 1.0:
-            raise ConfigError(f"{self.key('hflip')}={self.hflip!r}: expected a probability in [0, 1]")
-        put("hflip", hflip)
-        put("keys", dict(self.keys))
+        checked.update(
+            norm=_check_norm(self.norm, self.key("norm")),
+            mean=_floats3(self.mean, self.key("mean")),
+            std=_check_std(self.std, self.key("std")),
+            hflip=_check_hflip(self.hflip, self.key("hflip")),
+            keys=dict(self.keys),
+        )
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)  # frozen dataclass: values made canonical once, here
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any], prefix: str = "", **overrides: Any) -> ImageSpec:
@@ -516,8 +632,12 @@ def build_image_pipeline(
 class ImagePipeline:
     """PIL image (+ optional boxes) -> normalised CHW float32 tensor, boxes in the new pixels, info.
 
-    Order: resize (bilinear, antialiased) -> optional horizontal flip -> normalise. `rng` (random.Random
-    or numpy Generator) makes the random short-side choice and the flip reproducible.
+    Order: resize (Pillow's antialiased bilinear) -> optional horizontal flip -> normalise. `rng`
+    (random.Random or numpy Generator) makes the random short-side choice and the flip reproducible.
+
+    Two ways to run the same conversion: `__call__` on one image (in loader workers), or `decode` there
+    and `prepare_batch` on a padded uint8 batch on the model's device (extraction on a GPU); both resize
+    with the same 8-bit arithmetic (`resize_pil` / `resize_uint8`) and normalise with the same float ops.
     """
 
     def __init__(
@@ -541,6 +661,11 @@ class ImagePipeline:
         except ValueError as e:
             raise ConfigError(f"image pipeline: {e}") from None
 
+    @staticmethod
+    def decode(img: Image.Image) -> torch.Tensor:
+        """A decoded image as a uint8 RGB CHW tensor (what `prepare_batch` takes, padded into a batch)."""
+        return TF.pil_to_tensor(img if img.mode == "RGB" else _to_rgb(img))
+
     def __call__(
         self,
         img: Image.Image | torch.Tensor,
@@ -548,15 +673,17 @@ class ImagePipeline:
         rng: RandomSource | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         if isinstance(img, Image.Image):
-            x = TF.pil_to_tensor(img if img.mode == "RGB" else _to_rgb(img))
+            img = img if img.mode == "RGB" else _to_rgb(img)
+            h, w = img.height, img.width
         else:
-            x = img
-            if x.ndim != 3 or x.shape[0] != 3:
-                raise ValueError(f"expected an RGB image tensor (3, H, W), got shape {tuple(x.shape)}")
-        h, w = int(x.shape[-2]), int(x.shape[-1])
+            if img.ndim != 3 or img.shape[0] != 3:
+                raise ValueError(f"expected an RGB image tensor (3, H, W), got shape {tuple(img.shape)}")
+            h, w = int(img.shape[-2]), int(img.shape[-1])
         nh, nw = self.resize.output_size(h, w, rng)
-        if (nh, nw) != (h, w):
-            x = TF.resize(x, [nh, nw], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        if isinstance(img, Image.Image):
+            x = TF.pil_to_tensor(resize_pil(img, (nh, nw)))
+        else:
+            x = resize_uint8(img, (nh, nw))
         sy, sx = nh / h, nw / w
         flipped = self.hflip_prob > 0 and _uniform(rng) < self.hflip_prob
         if flipped:
@@ -565,6 +692,28 @@ class ImagePipeline:
             boxes = _transform_boxes(boxes, sx, sy, nw if flipped else None)
         info = {"orig_size": (h, w), "size": (nh, nw), "scale": (sy, sx), "flipped": bool(flipped)}
         return self.normalization(x), boxes, info
+
+    def prepare_batch(
+        self,
+        pixels: torch.Tensor,
+        orig_sizes: Sequence[tuple[int, int]],
+        sizes: Sequence[tuple[int, int]],
+        size_divisibility: int = 32,
+    ) -> torch.Tensor:
+        """uint8 [B, 3, H, W] (image i in its top-left orig_sizes[i]) -> the float batch `collate_images`
+        makes of `__call__`'s outputs: image i resized to sizes[i], normalised, zero-padded bottom/right
+        to a multiple of `size_divisibility`. Runs where `pixels` is (test time: no flip, no random size)."""
+        if self.hflip_prob > 0:
+            raise ValueError("prepare_batch is for test time: the pipeline must not flip (hflip_prob=0)")
+        hmax = max(h for h, _ in sizes)
+        wmax = max(w for _, w in sizes)
+        if size_divisibility > 1:
+            d = int(size_divisibility)
+            hmax, wmax = -(-hmax // d) * d, -(-wmax // d) * d
+        out = torch.zeros((len(sizes), 3, hmax, wmax), dtype=torch.float32, device=pixels.device)
+        for i, ((h0, w0), (h, w)) in enumerate(zip(orig_sizes, sizes, strict=True)):
+            out[i, :, :h, :w] = self.normalization(resize_uint8(pixels[i, :, :h0, :w0], (h, w)))
+        return out
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         return self.normalization.denormalize(x)

@@ -1,13 +1,14 @@
-"""JSON and file I/O shared by every reader: clear errors on bad files, atomic writes."""
+"""JSON and file I/O shared by every reader: clear errors on bad files, atomic writes (through
+gridvqa.atomic, the one atomic-write helper)."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from gridvqa import atomic
 from gridvqa.errors import DataError
 
 
@@ -30,31 +31,15 @@ def load_json(path: str | os.PathLike, what: str = "file") -> Any:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        # mkstemp makes owner-only files; give the result the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+    """Write `data` to `path` atomically (gridvqa.atomic): readers never see half a file."""
+    return atomic.atomic_write_bytes(path, data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> Path:
-    """Serialise `obj` as json and write it atomically."""
-    return atomic_write_bytes(path, json.dumps(obj, indent=indent).encode("utf-8"))
+    """Serialise `obj` as json and write it atomically (a value json cannot hold leaves `path` as it was)."""
+    return atomic.atomic_write_bytes(path, json.dumps(obj, indent=indent).encode("utf-8"))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    """Write `text` (UTF-8) to `path` atomically."""
+    return atomic.atomic_write_text(path, text)

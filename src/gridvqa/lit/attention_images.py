@@ -147,7 +147,7 @@ class ValAttentionImages(pl.Callback):
             self._write_pngs(trainer, pictures)
 
     def _write_pngs(self, trainer: pl.Trainer, pictures: list[tuple[int, bytes, str]]) -> None:
-        from gridvqa.data.jsonio import atomic_write_bytes
+        from gridvqa.atomic import atomic_write_bytes
 
         root = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "attention"
         folder = root / f"epoch_{trainer.current_epoch:03d}"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from gridvqa.atomic import atomic_path
 from gridvqa.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -31,27 +32,35 @@ class PublishCheckpoint(pl.Callback):
 
             check_writable(self.path, "callbacks.publish_checkpoint.path")
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.sanity_checking:
-            return
+    def _plan(self, trainer: pl.Trainer) -> tuple[str, str | None]:
+        """("keep", None), ("copy", checkpoint file) or ("save", None): what rank 0 sees on its disk."""
         if trainer.fast_dev_run and self.path.exists():
-            log.info("fast_dev_run: %s left as it is (a debug run's weights replace no model)", self.path)
-            return
+            return "keep", None
         cb = trainer.checkpoint_callback
-        src = None
-        if cb is not None:
-            src = cb.best_model_path or cb.last_model_path
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        src = (cb.best_model_path or cb.last_model_path) if cb is not None else None
+        return ("copy", src) if src and Path(src).is_file() else ("save", None)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        # every process runs this; rank 0 decides, so that all of them take the same branch
+        plan, src = trainer.strategy.broadcast(self._plan(trainer) if trainer.is_global_zero else None, src=0)
+        if plan == "keep":
+            if trainer.is_global_zero:
+                log.info("fast_dev_run: %s left as it is (a debug run's weights replace no model)", self.path)
+            return
+        if not trainer.is_global_zero:
+            if plan == "save":  # Trainer.save_checkpoint is collective: rank 0 writes, every rank waits
+                trainer.save_checkpoint(self.path, weights_only=False)
+            return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if src and Path(src).is_file():
-                shutil.copyfile(src, tmp)
-            else:
-                trainer.save_checkpoint(tmp, weights_only=False)
-            tmp.replace(self.path)
+            with atomic_path(self.path) as tmp:
+                if plan == "copy":
+                    shutil.copyfile(src, tmp)
+                else:
+                    trainer.save_checkpoint(tmp, weights_only=False)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
-            kept = f"the trained checkpoint is {src}" if src and Path(src).is_file() else "no checkpoint kept"
+            kept = f"the trained checkpoint is {src}" if src else "no checkpoint kept"
             why = e.strerror or e
             raise DataError(f"{self.path}: cannot publish the trained model ({why}); {kept}") from e
         if trainer.fast_dev_run:

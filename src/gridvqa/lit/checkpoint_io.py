@@ -1,10 +1,10 @@
 """Checkpoint files written atomically, and read without running code from them.
 
-`AtomicCheckpointIO` (wired in conf/trainer/default.yaml as a Trainer plugin) writes a checkpoint to a
-hidden temporary file (`.partial-<pid>-<random>.tmp`) beside the target, fsyncs it and renames it over
-the target: a kill or an error during a save leaves the previous checkpoint (e.g. last.ckpt, what
-`ckpt_path=last` resumes from) whole, and nothing takes the temporary file for a checkpoint. The next
-save into that folder removes what a killed one left.
+`AtomicCheckpointIO` (wired in conf/trainer/default.yaml as a Trainer plugin) writes a checkpoint through
+gridvqa.atomic: a hidden temporary file (`.partial-<pid>-<random>.tmp`) beside the target, fsynced and
+renamed over the target. A kill or an error during a save leaves the previous checkpoint (e.g.
+last.ckpt, what `ckpt_path=last` resumes from) whole, and nothing takes the temporary file for a
+checkpoint. The next save into that folder removes what a killed one left.
 
 Loading defaults to `torch.load(weights_only=True)` whatever torch's own default is: Lightning's
 resume (`trainer.fit(ckpt_path=...)`) goes through here, and our checkpoints hold only tensors and
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.cloud_io import get_filesystem
+
+from gridvqa.atomic import atomic_path, clean_stale
 
 log = logging.getLogger(__name__)
 
@@ -47,64 +48,13 @@ def quiet_weights_only_notice() -> None:
         logger.addFilter(_DropWeightsOnlyNotice())
 
 
-TEMP_PREFIX = ".partial-"
-
-
-def temp_name(path: Path) -> Path:
-    """Where `path` is written first: its folder (so the rename is atomic), hidden, not *.ckpt, and not
-    containing the target's name (Lightning finds `hpc_ckpt_<n>` files by substring)."""
-    return path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _fsync_dir(directory: Path) -> None:
-    # the rename itself survives a power cut only once the directory entry is on disk
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _writer_alive(tmp: Path) -> bool:
-    """Whether the process named in a temp file's name still runs here (it may be saving right now)."""
-    try:
-        pid = int(tmp.name[len(TEMP_PREFIX):].split("-")[0])
-    except ValueError:
-        return False
-    if pid == os.getpid():
-        return False  # ours, from a save that raised before it could clean up
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save `obj` to `path` so that `path` is always either the old file or the complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for left in path.parent.glob(f"{TEMP_PREFIX}*.tmp"):
-        if not _writer_alive(left):  # left by a process killed mid-save
-            left.unlink(missing_ok=True)
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    clean_stale(path.parent)  # what a save killed midway left
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,7 +1,8 @@
 """LightningModule for Visual Genome detector pre-training (grid 1x1-RoI detector or C4 bottom-up).
 
 Logs `train/loss` and each loss term, validation AP at IoU 0.5 as `val/ap50`, and exports the
-backbone and the whole detector as safetensors with the config that built them when training ends.
+backbone and the whole detector as safetensors with the config that built them when training ends. A
+`fast_dev_run` (`debug=fdr`) exports only where nothing is exported yet, as PublishCheckpoint publishes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 # sgd: the detectron2 recipe (default). adamw: a higher AP50 from scratch in few CPU steps (0.23 vs 0.15 in 4
 # epochs on the built-in data), though e2e VQA from those weights was not better (docs/results.md).
 OPTIMIZERS = ("sgd", "adamw")
+# what export_weights writes into export_dir
+EXPORT_FILES = ("backbone.safetensors", "detector.safetensors", "config.json")
 
 
 class DetectionModule(pl.LightningModule):
@@ -112,10 +115,20 @@ class DetectionModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            # The pixel normalisation trained with goes with the weights (the data module resolved it).
-            norm = getattr(self.trainer.datamodule, "normalization", None)
-            export_weights(self, self.hparams.export_dir, pixel_norm=norm)
+        if not self.hparams.export_dir or not self.trainer.is_global_zero:
+            return
+        export_dir = Path(self.hparams.export_dir)
+        debug = bool(self.trainer.fast_dev_run)
+        if debug and any((export_dir / name).exists() for name in EXPORT_FILES):
+            # one step of training: its weights must not replace a pre-trained backbone later steps read
+            log.info("fast_dev_run: %s left as it is (a debug run's weights replace no export)", export_dir)
+            return
+        # The pixel normalisation trained with goes with the weights (the data module resolved it).
+        norm = getattr(self.trainer.datamodule, "normalization", None)
+        export_weights(self, export_dir, pixel_norm=norm)
+        if debug:
+            log.info("fast_dev_run: exported the debug weights to %s (nothing was there; a real run "
+                     "replaces them)", export_dir)
 
 
 def export_weights(module: DetectionModule, export_dir: str | Path, pixel_norm: Any = None) -> Path:

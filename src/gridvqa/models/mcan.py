@@ -93,7 +93,7 @@ MCAN_SIZES: dict[str, MCANConfig] = {
 
 def mcan_config(size: str | MCANConfig = "small", **overrides: Any) -> MCANConfig:
     """A named size (`tiny`, `small`, `large`) with any field overridden; an override of None keeps the
-    size's own value (so a config can undo a CPU-sized override it inherits)."""
+    size's own value (what a config's null asks for)."""
     if isinstance(size, MCANConfig):
         base = size
     elif size in MCAN_SIZES:
@@ -322,28 +322,13 @@ class VisualEmbed(nn.Module):
         grid_hw: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """-> tokens [B, N, hidden], mask [B, N] (True = valid), grid_hw [B, 2] (grid only, else None)."""
-        b = feats.shape[0]
         map_hw: tuple[int, int] | None = None  # a batch map: its flat cells are row-major in the map
         if feats.dim() == 4:
-            if self.kind != "grid":
-                raise ConfigError(f"region features must be [B, N, C], got shape {tuple(feats.shape)}")
-            h, w = map_hw = feats.shape[2], feats.shape[3]
-            feats = feats.flatten(2).transpose(1, 2)
-            if mask is not None:
-                mask = mask.reshape(b, h * w)
-                if grid_hw is None:  # valid cells are top-left: count valid rows and columns
-                    m2 = mask.view(b, h, w)
-                    grid_hw = torch.stack([m2.any(2).sum(1), m2.any(1).sum(1)], dim=1)
-            elif grid_hw is None:
-                grid_hw = (h, w)
+            feats, mask, grid_hw, map_hw = self._flatten_map(feats, mask, grid_hw)
         elif feats.dim() != 3:
             raise ConfigError(f"visual features must be [B, C, h, w] or [B, N, C], got {tuple(feats.shape)}")
-        n, c = feats.shape[1], feats.shape[2]
-        if c != self.in_dim:
-            raise ConfigError(f"visual features are {c}-d but the model was built for {self.in_dim}-d")
-        mask = torch.ones(b, n, dtype=torch.bool, device=feats.device) if mask is None else mask.bool()
-        if mask.shape != (b, n):
-            raise ConfigError(f"visual mask shape {tuple(mask.shape)} does not match features [{b}, {n}, C]")
+        mask = self._token_mask(feats, mask)
+        b, n = mask.shape
         # Zero padded tokens so that NaN/inf garbage there cannot leak through 0-weight attention.
         x = self.proj(torch.where(mask.unsqueeze(-1), feats, feats.new_zeros(())))
         hw = None
@@ -354,14 +339,49 @@ class VisualEmbed(nn.Module):
                 raise ConfigError("grid tokens [B, N, C] need grid_hw (h, w) for the position encoding")
             x = x + self._positions(hw, n, map_hw).to(x.dtype)
         if self.box_proj is not None:
-            if boxes is None:
-                raise ConfigError("region features need boxes [B, N, 4] (normalised x1, y1, x2, y2)")
-            if boxes.shape != (b, n, 4):
-                raise ConfigError(f"boxes shape {tuple(boxes.shape)} does not match features [{b}, {n}, 4]")
-            wh = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0)
-            geom = torch.cat([boxes, (wh[..., 0] * wh[..., 1]).unsqueeze(-1)], dim=-1)
-            x = x + self.box_proj(torch.where(mask.unsqueeze(-1), geom, geom.new_zeros(())).to(x.dtype))
+            x = x + self._box_embedding(boxes, mask, x.dtype)
         return x, mask, hw
+
+    def _flatten_map(
+        self, feats: torch.Tensor, mask: torch.Tensor | None, grid_hw: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Any, tuple[int, int]]:
+        """A map [B, C, h, w] -> row-major tokens [B, h*w, C], its mask flattened, and the grid size
+        (given, else counted from the mask, else the whole map)."""
+        if self.kind != "grid":
+            raise ConfigError(f"region features must be [B, N, C], got shape {tuple(feats.shape)}")
+        b, h, w = feats.shape[0], feats.shape[2], feats.shape[3]
+        feats = feats.flatten(2).transpose(1, 2)
+        if mask is not None:
+            mask = mask.reshape(b, h * w)
+            if grid_hw is None:  # valid cells are top-left: count valid rows and columns
+                m2 = mask.view(b, h, w)
+                grid_hw = torch.stack([m2.any(2).sum(1), m2.any(1).sum(1)], dim=1)
+        elif grid_hw is None:
+            grid_hw = (h, w)
+        return feats, mask, grid_hw, (h, w)
+
+    def _token_mask(self, feats: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The tokens' validity mask [B, N] (all valid when none is given), checked against the tokens."""
+        b, n, c = feats.shape
+        if c != self.in_dim:
+            raise ConfigError(f"visual features are {c}-d but the model was built for {self.in_dim}-d")
+        mask = torch.ones(b, n, dtype=torch.bool, device=feats.device) if mask is None else mask.bool()
+        if mask.shape != (b, n):
+            raise ConfigError(f"visual mask shape {tuple(mask.shape)} does not match features [{b}, {n}, C]")
+        return mask
+
+    def _box_embedding(
+        self, boxes: torch.Tensor | None, mask: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """box_proj of (x1, y1, x2, y2, area) per region, 0-input on padding."""
+        b, n = mask.shape
+        if boxes is None:
+            raise ConfigError("region features need boxes [B, N, 4] (normalised x1, y1, x2, y2)")
+        if boxes.shape != (b, n, 4):
+            raise ConfigError(f"boxes shape {tuple(boxes.shape)} does not match features [{b}, {n}, 4]")
+        wh = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0)
+        geom = torch.cat([boxes, (wh[..., 0] * wh[..., 1]).unsqueeze(-1)], dim=-1)
+        return self.box_proj(torch.where(mask.unsqueeze(-1), geom, geom.new_zeros(())).to(dtype))
 
     def _positions(self, hw: torch.Tensor, n: int, map_hw: tuple[int, int] | None) -> torch.Tensor:
         idx = torch.arange(n, device=hw.device).unsqueeze(0)
@@ -422,11 +442,12 @@ class MCAN(nn.Module):
         self.visual = VisualEmbed(
             visual_kind, visual_dim, cfg.hidden, cfg.position_encoding, cfg.max_grid, cfg.box_embedding
         )
-        self.backbone = MCAEncoderDecoder(cfg)
+        self.encoder_decoder = MCAEncoderDecoder(cfg)
         flat = (cfg.hidden, cfg.flat_mlp, cfg.flat_glimpses, cfg.flat_out, cfg.dropout)
         self.flat_q, self.flat_v = AttFlat(*flat), AttFlat(*flat)
         self.norm = layer_norm(cfg.layer_norm, cfg.flat_out)
         self.classifier = nn.Linear(cfg.flat_out, num_answers)
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys)
 
     def forward(
         self,
@@ -443,7 +464,7 @@ class MCAN(nn.Module):
         q, q_mask = self.text(q_tokens, q_mask)
         v, v_mask, hw = self.visual(v_feats, v_mask, boxes, grid_hw)
         q_mask, v_mask = _nonempty(q_mask), _nonempty(v_mask)
-        q, v, att = self.backbone(q, q_mask, v, v_mask, need_weights=return_attention)
+        q, v, att = self.encoder_decoder(q, q_mask, v, v_mask, need_weights=return_attention)
         q_vec, q_w = self.flat_q(q, q_mask)
         v_vec, v_w = self.flat_v(v, v_mask)
         logits = self.classifier(self.norm(q_vec + v_vec))
@@ -453,6 +474,25 @@ class MCAN(nn.Module):
         if hw is not None:
             att_out["grid_hw"] = hw
         return MCANOutput(logits, att_out)
+
+
+# State dicts that call the encoder-decoder `backbone` (mcan-vqa's name for it, core/model/net.py; here
+# `backbone` means the ResNet) load: their keys `<prefix>backbone.*` are read as `<prefix>encoder_decoder.*`.
+_LEGACY_NAMES = {"backbone.": "encoder_decoder."}
+
+
+def _rename_legacy_keys(
+    _module: nn.Module, state_dict: dict[str, Any], prefix: str, *_args: Any
+) -> None:
+    """A load_state_dict pre-hook: renames, in place, only the keys under this MCAN's own prefix (a VQA
+    model's ResNet at `backbone.*` sits beside the head, at another prefix, and is left alone)."""
+    metadata = getattr(state_dict, "_metadata", None)  # per-module versions, keyed by module path
+    for old, new in _LEGACY_NAMES.items():
+        for key in [k for k in state_dict if k.startswith(prefix + old)]:
+            state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+        old_path, new_path = prefix + old[:-1], prefix + new[:-1]
+        for key in [k for k in metadata or () if k == old_path or k.startswith(old_path + ".")]:
+            metadata[new_path + key[len(old_path):]] = metadata.pop(key)
 
 
 def build_mcan(

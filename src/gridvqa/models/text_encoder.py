@@ -134,7 +134,9 @@ class LSTMTextEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if mask is None:
             mask = tokens != self.pad_id
-        feats, _ = self.lstm(self.embed(tokens))
+        # CPU autocast sends the LSTM to a bfloat16 oneDNN kernel many CPUs lack; it is cheap in float32
+        with torch.autocast(tokens.device.type, enabled=False):
+            feats, _ = self.lstm(self.embed(tokens).float())
         return feats, mask.bool()
 
 

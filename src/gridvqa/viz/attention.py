@@ -18,7 +18,7 @@ import io
 import logging
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,9 +30,19 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from gridvqa.atomic import atomic_write_bytes
 from gridvqa.data import layout
-from gridvqa.data.jsonio import atomic_write_bytes
+from gridvqa.devices import resolve_device
 from gridvqa.errors import ConfigError, DataError
+from gridvqa.inference import EvalMode, check_split, load_model
+from gridvqa.single_question import (
+    QuestionBatch,
+    check_question,
+    open_features,
+    question_batch,
+    read_picture,
+    top_answers,
+)
 from gridvqa.viz.geometry import GridGeometry
 
 if TYPE_CHECKING:
@@ -153,17 +163,6 @@ def _h5_grid_geometry(
     return GridGeometry.uniform(grid_hw, orig_hw)
 
 
-def open_features(features: str | Path | GridFeatures | RegionFeatures, source: str):
-    """The feature reader a grid_h5 / region_h5 model needs; a path is opened and its kind checked."""
-    from gridvqa.data.features import open_features as _open
-
-    reader = _open(features) if isinstance(features, (str, Path)) else features
-    want = "grid" if source == "grid_h5" else "region"
-    if reader.kind != want:
-        raise DataError(f"{reader.path}: a {reader.kind} feature file, but the model reads {want} features")
-    return reader
-
-
 def _forward(module: VQAModule, batch: dict) -> tuple[Any, tuple[int, ...], torch.Tensor]:
     """Run the real forward with attention; also catch what the head's visual input looked like
     (the padded map's shape and validity mask) to fold the flat weights back onto the grid."""
@@ -173,15 +172,49 @@ def _forward(module: VQAModule, batch: dict) -> tuple[Any, tuple[int, ...], torc
         seen["shape"], seen["mask"] = tuple(args[0].shape), args[1]
 
     handle = module.head.visual.register_forward_pre_hook(hook)
-    was_training = module.training
-    module.eval()
     try:
-        with torch.inference_mode():
+        with EvalMode(module):
             out = module(batch, return_attention=True)
     finally:
         handle.remove()
-        module.train(was_training)
     return out, seen["shape"], seen["mask"]
+
+
+@dataclass
+class _VisualTokens:
+    """Where the head's visual tokens sit: which of them are valid, and their place on the picture."""
+
+    valid: Callable[[torch.Tensor], torch.Tensor]  # [N_padded, ...] -> [N_valid, ...]
+    grid: GridGeometry | None = None
+    boxes: np.ndarray | None = None
+    box_labels: list[str] | None = None
+
+
+def _region_tokens(
+    inputs: QuestionBatch, vis_mask: torch.Tensor, label_names: Sequence[str] | None
+) -> _VisualTokens:
+    """Region models: the first n tokens are the image's boxes (the rest padding)."""
+    n = int(vis_mask[0].sum())
+    boxes = np.asarray(inputs.stored["boxes"], dtype=np.float32)[:n]
+    return _VisualTokens(lambda x: x[:n], boxes=boxes, box_labels=_box_labels(inputs.stored, n, label_names))
+
+
+def _grid_tokens(
+    module: VQAModule, inputs: QuestionBatch, att: Mapping[str, Any], vis_shape: tuple[int, ...],
+    orig_hw: tuple[int, int],
+) -> _VisualTokens:
+    """Grid models: the image's own grid, top-left in the padded map the head saw."""
+    hm, wm = vis_shape[-2:]  # the padded map the head flattened row-major
+    gh, gw = (int(v) for v in att["grid_hw"][0].tolist())
+
+    def valid(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(hm, wm, *x.shape[1:])[:gh, :gw].reshape(gh * gw, *x.shape[1:])
+
+    if inputs.resized_hw is not None:  # pixels: placed by the checkpoint's own image pipeline
+        geometry = GridGeometry((gh, gw), orig_hw, inputs.resized_hw, module.stride)
+    else:
+        geometry = _h5_grid_geometry(inputs.reader, (gh, gw), orig_hw)
+    return _VisualTokens(valid, grid=geometry)
 
 
 def explain(
@@ -203,97 +236,33 @@ def explain(
     (their feature file) and use `image` only as the picture to draw on (sizes must agree).
     `label_names` maps region class indices to names (e.g. vg/objects_vocab.txt).
     """
-    from PIL import Image as PILImage
-
-    from gridvqa.data.images import collate_images, load_image
-    from gridvqa.data.text import encode
-    from gridvqa.inference import DEFAULT_MAX_LENGTH, DEFAULT_SIZE_DIVISIBILITY, image_pipeline, load_model
-
-    if not isinstance(question, str) or not question.strip():
-        raise ConfigError('the question is empty: ask something, e.g. question="what color is the circle?"')
-    if int(topk) < 1:
-        raise ConfigError(f"topk={topk}: must be at least 1")
-    pil = image.convert("RGB") if isinstance(image, PILImage.Image) else load_image(image)
+    check_question(question, topk)
+    pil = read_picture(image)
     module = load_model(model) if isinstance(model, (str, Path)) else model
     if name is None:
         name = Path(model).stem if isinstance(model, (str, Path)) else "model"
         name = f"{name} ({module.hparams.source})"
-    source = module.hparams.source
-    q_ids, q_mask = encode(module.tokenizer, [question],
-                           max_length=getattr(module, "question_max_length", DEFAULT_MAX_LENGTH))
-    if not bool(q_mask.any()):
-        raise ConfigError(f"the question {question!r} has no words once punctuation is removed")
-    orig_hw = (pil.height, pil.width)
-    batch: dict[str, Any] = {"q_ids": q_ids, "q_mask": q_mask, "img_index": torch.zeros(1, dtype=torch.long),
-                             "orig_size": torch.tensor([orig_hw])}
-    reader = item = None
-    if source == "pixels":
-        tensor, _, info = image_pipeline(module)(pil)
-        size_div = getattr(module, "size_divisibility", DEFAULT_SIZE_DIVISIBILITY)
-        batch["images"], batch["pixel_mask"], batch["image_sizes"] = collate_images([tensor], size_div)
-    else:
-        if features is None or image_id is None:
-            raise ConfigError(f"this checkpoint reads {source} features: give its feature file "
-                              "(features=PATH) and the image's id in it (image_id)")
-        reader = open_features(features, source)
-        try:
-            item = reader.get(int(image_id))
-        except KeyError:
-            raise DataError(f"{reader.path}: image {image_id} is not in the feature file") from None
-        stored = tuple(int(v) for v in item["image_size"])
-        if stored != orig_hw:
-            raise DataError(f"{reader.path}: image {image_id} is {stored[1]}x{stored[0]} (w x h) there, but "
-                            f"the picture given is {orig_hw[1]}x{orig_hw[0]}: not the same image")
-        if source == "grid_h5":
-            grid = torch.from_numpy(np.asarray(item["grid"], dtype=np.float32))[None]
-            batch["grid"], batch["grid_mask"] = grid, torch.ones(grid.shape[:3], dtype=torch.bool)
-        else:
-            regions = torch.from_numpy(np.asarray(item["features"], dtype=np.float32))[None]
-            batch["regions"], batch["region_mask"] = regions, torch.ones(regions.shape[:2], dtype=torch.bool)
-            batch["boxes"] = torch.from_numpy(np.asarray(item["boxes"], dtype=np.float32))[None]
-    device = next(module.parameters()).device
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    out, vis_shape, vis_mask = _forward(module, batch)
+    inputs = question_batch(module, question, pil, features, image_id)
+    out, vis_shape, vis_mask = _forward(module, inputs.batch)
     att = out.attention
-    words = q_mask[0].nonzero().flatten()
-
-    grid_geo = boxes = box_labels = None
-    if source == "region_h5":
-        n = int(vis_mask[0].sum())
-
-        def valid(x: torch.Tensor) -> torch.Tensor:
-            return x[:n]
-
-        boxes = np.asarray(item["boxes"], dtype=np.float32)[:n]
-        box_labels = _box_labels(item, n, label_names)
+    orig_hw = (pil.height, pil.width)
+    if module.hparams.source == "region_h5":
+        tokens = _region_tokens(inputs, vis_mask, label_names)
     else:
-        hm, wm = vis_shape[-2:]  # the padded map the head flattened row-major
-        gh, gw = (int(v) for v in att["grid_hw"][0].tolist())
-
-        def valid(x: torch.Tensor) -> torch.Tensor:
-            return x.reshape(hm, wm, *x.shape[1:])[:gh, :gw].reshape(gh * gw, *x.shape[1:])
-
-        if source == "pixels":
-            grid_geo = GridGeometry((gh, gw), orig_hw, info["size"], module.stride)
-        else:
-            grid_geo = _h5_grid_geometry(reader, (gh, gw), orig_hw)
-    flat = valid(att["v_flat"][0].float().cpu()).numpy()
-    guided = [valid(g[0].float().cpu())[:, words.cpu()].numpy() for g in att["guided"]]
-    word_weights = att["q_flat"][0].float().cpu()[words.cpu()].numpy()
-    probs = out.logits[0].float().sigmoid().cpu()
-    scores, idx = probs.topk(min(int(topk), probs.numel()))
+        tokens = _grid_tokens(module, inputs, att, vis_shape, orig_hw)
+    words = inputs.words
     return Explanation(
         model_name=name,
         question=question,
-        tokens=module.tokenizer.convert_ids_to_tokens(q_ids[0][words].tolist()),
+        tokens=module.tokenizer.convert_ids_to_tokens(inputs.q_ids[0][words].tolist()),
         image=np.asarray(pil, dtype=np.uint8),
-        flat=flat,
-        guided=guided,
-        top=[(module.answers[i], float(s)) for i, s in zip(idx.tolist(), scores.tolist(), strict=True)],
-        word_weights=word_weights,
-        grid=grid_geo,
-        boxes=boxes,
-        box_labels=box_labels,
+        flat=tokens.valid(att["v_flat"][0].float().cpu()).numpy(),
+        guided=[tokens.valid(g[0].float().cpu())[:, words].numpy() for g in att["guided"]],
+        top=top_answers(module, out.logits[0], topk),
+        word_weights=att["q_flat"][0].float().cpu()[words].numpy(),
+        grid=tokens.grid,
+        boxes=tokens.boxes,
+        box_labels=tokens.box_labels,
         question_id=question_id,
         gt_answers=list(gt_answers) if gt_answers else None,
     )
@@ -553,8 +522,6 @@ def load_views(
     specs: Sequence[Mapping[str, Any]], device: str | torch.device | None = "cpu"
 ) -> list[ModelView]:
     """[{ckpt_path, features?, name?}] -> loaded models, their feature files opened and checked."""
-    from gridvqa.inference import load_model, resolve_device
-
     views = []
     for spec in specs:
         if not spec.get("ckpt_path"):
@@ -591,7 +558,6 @@ def write_split_pictures(
     A question whose image is unreadable is skipped with a warning."""
     from gridvqa.data.images import ImageError
     from gridvqa.data.vqa2 import load_split
-    from gridvqa.inference import check_split
 
     check_split(split)
     root = Path(data_root)

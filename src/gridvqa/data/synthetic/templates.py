@@ -86,6 +86,25 @@ class Template:
         raise NotImplementedError
 
 
+class YesNoTemplate(Template):
+    """A question answered yes or no."""
+
+    def domain(self, p):
+        return YES_NO
+
+    def answer_type(self, p):
+        return "yes/no"
+
+
+class DescribedTemplate(Template):
+    """A question about every object one description picks out ('red objects', 'a large star')."""
+
+    kinds = (("shape",), ("color",), ("color", "shape"), ("size", "shape"))
+
+    def params(self, rng):
+        return {"ref": sample_desc(rng, self.kinds)}
+
+
 class AttributeOf(Template):
     """'What color is the circle?', 'What shape is the small red object?', 'What size is the star?'"""
 
@@ -117,7 +136,7 @@ class AttributeOf(Template):
         return None if i is None else objs[i][self.attr]
 
 
-class SizeYesNo(Template):
+class SizeYesNo(YesNoTemplate):
     """'Is the red circle large?'"""
 
     family, weight = "size", 0.02
@@ -127,12 +146,6 @@ class SizeYesNo(Template):
 
     def text(self, p):
         return f"Is the {noun_phrase(p['ref'])} {p['size']}?"
-
-    def domain(self, p):
-        return YES_NO
-
-    def answer_type(self, p):
-        return "yes/no"
 
     def realise(self, s, geo, p, ans, rng):
         size = p["size"] if ans == "yes" else next(z for z in SIZES if z != p["size"])
@@ -147,14 +160,10 @@ class SizeYesNo(Template):
         return None if i is None else ("yes" if objs[i]["size"] == p["size"] else "no")
 
 
-class Count(Template):
+class Count(DescribedTemplate):
     """'How many red objects are there?' -> 0..4 (0..3 for two-attribute descriptions)."""
 
     family, weight = "count", 0.24
-    kinds = (("shape",), ("color",), ("color", "shape"), ("size", "shape"))
-
-    def params(self, rng):
-        return {"ref": sample_desc(rng, self.kinds)}
 
     def text(self, p):
         return f"How many {noun_phrase(p['ref'], plural=True)} are there?"
@@ -186,23 +195,13 @@ class Count(Template):
         return str(sum(matches(o, p["ref"]) for o in objs))
 
 
-class Exists(Template):
+class Exists(DescribedTemplate, YesNoTemplate):
     """'Is there a blue square?'"""
 
     family, weight = "exist", 0.06
-    kinds = (("shape",), ("color",), ("color", "shape"), ("size", "shape"))
-
-    def params(self, rng):
-        return {"ref": sample_desc(rng, self.kinds)}
 
     def text(self, p):
         return f"Is there {article(noun_phrase(p['ref']))}?"
-
-    def domain(self, p):
-        return YES_NO
-
-    def answer_type(self, p):
-        return "yes/no"
 
     def realise(self, s, geo, p, ans, rng):
         if ans == "no":
@@ -240,7 +239,7 @@ def _realise_pair(s: State, geo: Sequence[Place], a: Desc, b: Desc, rel: str,
     return None
 
 
-class Relation(Template):
+class Relation(YesNoTemplate):
     """'Is the red circle to the left of the blue square?' -> yes/no."""
 
     family, weight = "position", 0.06
@@ -251,12 +250,6 @@ class Relation(Template):
 
     def text(self, p):
         return f"Is the {noun_phrase(p['a'])} {REL_PHRASE[p['rel']]} the {noun_phrase(p['b'])}?"
-
-    def domain(self, p):
-        return YES_NO
-
-    def answer_type(self, p):
-        return "yes/no"
 
     def realise(self, s, geo, p, ans, rng):
         rel = p["rel"] if ans == "yes" else OPPOSITE[p["rel"]]

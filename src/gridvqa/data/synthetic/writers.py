@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from gridvqa.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from gridvqa.data import layout
-from gridvqa.data.jsonio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from gridvqa.data.jsonio import atomic_write_json
 from gridvqa.data.synthetic.answers import WRONG_RATE, blind_prior, human_answers, majority_answer
 from gridvqa.data.synthetic.objects import COLORS, SHAPES, SIZES
 from gridvqa.data.synthetic.scenes import JPEG_QUALITY, Scene, make_scene, render
@@ -71,13 +72,9 @@ class _Writer:
 
 def _link_or_write(src: Path, dst: Path, data: bytes) -> None:
     """VG image = the COCO file's pixels: hard link (no extra disk), or a copy where links fail."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.link")
     try:
-        if tmp.exists():
-            tmp.unlink()
-        os.link(src, tmp)
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            os.link(src, tmp)
     except OSError:
         atomic_write_bytes(dst, data)
 

@@ -1,0 +1,93 @@
+"""What the timing benchmarks share: the device's clock and memory, the machine's description, output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gridvqa.atomic import atomic_write_text
+
+MB = 1024 * 1024
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work: a timer read before that measures only the launches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+class PeakMemory:
+    """Peak device memory (torch.cuda.max_memory_allocated, MiB) over a block; None off CUDA.
+
+    The peak counts everything allocated during the block, what was already there (weights, optimizer
+    state, pre-loaded batches) included: the figure a run needs free on its device.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.mb: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.mb = torch.cuda.max_memory_allocated(self.device) / MB
+
+
+@contextmanager
+def timed_row(device: torch.device, images: int) -> Iterator[dict[str, Any]]:
+    """A row {images, seconds, images_per_s, peak_memory_mb} filled in when the block ends (synced)."""
+    row: dict[str, Any] = {"images": images}
+    with PeakMemory(device) as peak:
+        sync(device)
+        start = time.perf_counter()
+        yield row
+        sync(device)
+        row["seconds"] = time.perf_counter() - start
+    row["images_per_s"] = images / row["seconds"] if row["seconds"] > 0 else 0.0
+    row["peak_memory_mb"] = peak.mb
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """The machine a figure was taken on."""
+    env: dict[str, Any] = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+    if device.type == "cuda":
+        env["device_memory_mb"] = torch.cuda.get_device_properties(device).total_memory / MB
+    return env
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(record, indent=1, default=str) + "\n")
