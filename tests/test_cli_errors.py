@@ -542,16 +542,9 @@ def read_only_folder(tmp_path: Path) -> Iterator[Path]:
 
 def hydra_config(overrides: list[str], root: Path, config_name: str = "train") -> DictConfig:
     """The composed config with its `hydra` node, as Hydra hands it to callbacks before a run."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from gridvqa.config import compose_config
 
-    from gridvqa.config import conf_dir, register_resolvers
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return compose(config_name, overrides=[f"paths.root_dir={root}", *overrides],
-                       return_hydra_config=True)
+    return compose_config(config_name, [f"paths.root_dir={root}", *overrides], return_hydra_config=True)
 
 
 def test_run_folder_check_names_the_key_and_why(tmp_path):

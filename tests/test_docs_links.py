@@ -265,10 +265,7 @@ def test_command_flags_exist():
 
 
 def test_hydra_commands_compose():
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from gridvqa.config import conf_dir, register_resolvers
+    from gridvqa.config import compose_config
     from gridvqa.reproduce.options import load_config as load_reproduce_config
 
     cases: dict[tuple[str, tuple[str, ...]], str] = {}
@@ -286,18 +283,14 @@ def test_hydra_commands_compose():
             bad.append(f"{where}\n    {type(e).__name__}: {str(e).splitlines()[0]}")
 
     def compose_entry(name: str, overrides: list[str]) -> None:
-        compose(name, overrides=overrides, return_hydra_config=True)
+        compose_config(name, overrides, return_hydra_config=True)
 
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        for (name, overrides), where in cases.items():
-            if name != "reproduce":
-                attempt(where, compose_entry, name, list(overrides))
-        attempt("a key no config has", compose_entry, "train", ["experiment=e2e", "model.no_such_key=1"])
+    for (name, overrides), where in cases.items():
+        if name != "reproduce":
+            attempt(where, compose_entry, name, list(overrides))
+    attempt("a key no config has", compose_entry, "train", ["experiment=e2e", "model.no_such_key=1"])
     assert bad and bad[-1].startswith("a key no config has"), "composing must reject unknown keys"
     bad.pop()
-    GlobalHydra.instance().clear()
     for (name, overrides), where in cases.items():
         if name == "reproduce":  # composes its own config (its override lists may be plain strings)
             attempt(where, load_reproduce_config, list(overrides))

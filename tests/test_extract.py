@@ -16,12 +16,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 from PIL import Image
 
-from gridvqa.config import REPO_ROOT, conf_dir, register_resolvers
+from gridvqa.config import REPO_ROOT, compose_config
 from gridvqa.data import layout
 from gridvqa.data.features import open_features
 from gridvqa.data.images import ImagePipeline, ResizeFixed, ResizeShortest, collate_images, load_image
@@ -79,15 +77,12 @@ def artifacts(tmp_path_factory) -> Path:
 
 
 def make_cfg(data: Path, out: Path, artifacts: Path | None = None, *overrides: str):
-    register_resolvers()
-    GlobalHydra.instance().clear()
     # stride 32 (the paper) unless a test asks for res5_dilation=2
     base = [f"paths.data_root={data}", f"output={out}", "num_workers=0", "progress=false", "batch_size=2",
             "res5_dilation=1"]
     if artifacts is not None:
         base.append(f"paths.artifacts_dir={artifacts}")
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose("extract", overrides=[*base, "region.proposals=100", *overrides])
+    cfg = compose_config("extract", [*base, "region.proposals=100", *overrides])
     with open_dict(cfg):
         cfg.region.detector = {"anchor_sizes": [16, 32, 64]}
     return cfg
@@ -494,12 +489,9 @@ def _check_against_detectron2(stored: np.ndarray, sd: dict, arch: str, jpeg: Pat
 
 
 def _paper_cfg(images: Path, out: Path, weights: Path, *overrides: str):
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return compose("extract", overrides=[
-            "extract=paper", "kind=grid", f"images_dir={images}", f"output={out}", f"weights={weights}",
-            "device=cpu", "num_workers=0", "progress=false", "dtype=float32", *overrides])
+    return compose_config("extract", [
+        "extract=paper", "kind=grid", f"images_dir={images}", f"output={out}", f"weights={weights}",
+        "device=cpu", "num_workers=0", "progress=false", "dtype=float32", *overrides])
 
 
 def test_converted_resnext_extracts_as_detectron2_with_its_recorded_std(tmp_path):

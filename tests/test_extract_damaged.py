@@ -8,10 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from gridvqa.config import conf_dir, register_resolvers
+from gridvqa.config import compose_config
 from gridvqa.data.features import FeatureWriter, open_features
 from gridvqa.errors import DataError
 from gridvqa.extraction import run
@@ -29,11 +27,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def cfg_for(data: Path, out: Path, *overrides: str):
-    register_resolvers()
-    GlobalHydra.instance().clear()
     base = [f"paths.data_root={data}", f"output={out}", "num_workers=0", "progress=false", "batch_size=2"]
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return compose("extract", overrides=[*base, *ARGS, *overrides])
+    return compose_config("extract", [*base, *ARGS, *overrides])
 
 
 def read_all(path: Path) -> dict[int, dict]:

@@ -158,13 +158,17 @@ def test_default_config():
     assert opts.setting("finetune").init_from == "frozen"
     assert opts.pretrain == ["pretrain_vg", "pretrain_vg_c4"]
     assert opts.extract_kinds == ["grid", "region"] and opts.extract_splits == ["train", "val"]
-    # what trains: the experiment files at this reproduction's size (conf/experiment/reproduce/)
-    assert opts.recipe == "reproduce" and opts.vqa_overrides == [] and opts.jobs == 1
-    assert [s.experiment for s in opts.settings] == [f"reproduce/{EXPERIMENT[s]}" for s in SETTINGS]
-    assert opts.pretrain_experiments == {n: f"reproduce/{n}" for n in opts.pretrain}
+    # what trains: the experiment files as `make train` runs them
+    assert opts.recipe is None and opts.vqa_overrides == [] and opts.jobs == 1
+    assert [s.experiment for s in opts.settings] == [EXPERIMENT[s] for s in SETTINGS]
+    assert opts.pretrain_experiments == {n: n for n in opts.pretrain}
+    # the short recipe: conf/experiment/reproduce/
+    short = Options.from_cfg(load_config(["recipe=reproduce"]))
+    assert [s.experiment for s in short.settings] == [f"reproduce/{EXPERIMENT[s]}" for s in SETTINGS]
+    assert short.pretrain_experiments == {n: f"reproduce/{n}" for n in short.pretrain}
     assert opts.readme == REPO_ROOT / "docs" / "results.md" and opts.results_dir == REPO_ROOT / "results"
     assert opts.runs_dir == REPO_ROOT / "logs" / "reproduce"
-    # its pinned pre-training recipe writes beside, not over, `make train`'s artifacts/pretrain_vg
+    # its pre-training writes beside, not over, `make train`'s artifacts/pretrain_vg
     assert opts.artifacts_dir == REPO_ROOT / "artifacts" / "reproduce"
     assert opts.published("e2e", 1) == REPO_ROOT / "artifacts" / "reproduce" / "e2e" / "seed_1" / "model.ckpt"
     assert opts.bench is not None and opts.bench["proposals"] == [1000, 100]
@@ -195,9 +199,9 @@ def test_override_lists_as_plain_strings():
         (["seeds=[1,1]"], "seeds must differ"),
         (["seeds=[]"], "non-empty list"),
         (["extract.kinds=[pixels]"], "'pixels' is not one of grid, region"),
-        (["setting.e2e.experiment=nope"], "no conf/experiment/reproduce/nope.yaml"),
-        (["pretrain=[nope]"], "no conf/experiment/reproduce/nope.yaml"),
-        (["recipe=null", "pretrain=[nope]"], "no conf/experiment/nope.yaml"),
+        (["setting.e2e.experiment=nope"], "no conf/experiment/nope.yaml"),
+        (["recipe=reproduce", "pretrain=[nope]"], "no conf/experiment/reproduce/nope.yaml"),
+        (["pretrain=[nope]"], "no conf/experiment/nope.yaml"),
         (["jobs=0"], "jobs must be a whole number"),
     ],
 )
@@ -278,16 +282,11 @@ def _flat(cfg, prefix=""):
 
 
 def _train_cfg(experiment: str) -> dict:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from gridvqa.config import conf_dir, register_resolvers
+    from gridvqa.config import compose_config
 
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}"])
+    cfg = compose_config("train", [f"experiment={experiment}"])
     return _flat(OmegaConf.to_container(cfg, resolve=False))
 
 
@@ -308,7 +307,7 @@ def test_recipe_files_are_the_experiments_at_reproduce_size(name):
 
 def test_fresh_plan_runs_everything_in_order(tmp_path, capsys):
     fake_data(tmp_path)
-    opts = options(tmp_path)
+    opts = options(tmp_path, "recipe=reproduce")
     steps = plan(opts)
     names = [st.name for st in steps]
     assert names[:7] == [
@@ -339,8 +338,8 @@ def test_fresh_plan_runs_everything_in_order(tmp_path, capsys):
     assert f"hydra.sweep.dir={opts.runs_dir / 'frozen'}" in cmd and "ckpt_path=last" in cmd
     assert by_name["pretrain pretrain_vg"].commands[0][3] == "experiment=reproduce/pretrain_vg"
     assert by_name["bench"].commands[0][1:3] == ["-m", "gridvqa.benchmarks.extraction"]
-    # recipe=null: the experiment files as they are
-    plain = {st.name: st for st in plan(options(tmp_path, "recipe=null"))}
+    # recipe=null (the default): the experiment files as they are
+    plain = {st.name: st for st in plan(options(tmp_path))}
     assert plain["train frozen seed 1"].overrides[0] == "experiment=frozen"
     assert plain["train frozen seed 1"].signature != by_name["train frozen seed 1"].signature
     # a dry run says so and runs nothing

@@ -15,11 +15,9 @@ from pathlib import Path
 import hydra
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from gridvqa.config import conf_dir
+from gridvqa.config import compose_config
 from gridvqa.reporting import collect_runs, write_report
 from hydra_utils import compose_cfg
 from test_experiments import run_experiment, write_pretrained_backbone
@@ -48,10 +46,8 @@ def train_cli(args: list[str], root: Path, tmp: Path, timeout: int = 300) -> sub
 def compose_with_hydra(overrides: list[str]) -> DictConfig:
     """The whole config as a Hydra launcher or sweeper sees it (hydra node kept, unlike compose_cfg):
     their settings interpolate both `hydra.*` and the job's keys."""
-    compose_cfg([])  # registers the resolvers, sets up Hydra's globals
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
+    compose_cfg([])  # sets the HydraConfig that `${hydra:...}` interpolations read
+    return compose_config("train", overrides, return_hydra_config=True)
 
 
 def sweep_dirs(tmp: Path) -> list[Path]:

@@ -8,7 +8,12 @@ the repository's `conf/`, so edits there apply; in an installed wheel, the copy 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,6 +27,53 @@ def conf_dir() -> str:
             "or set GRIDVQA_CONF_DIR to the repository's conf/ folder"
         )
     return str(path)
+
+
+def compose_config(
+    config_name: str,
+    overrides: Sequence[str] = (),
+    *,
+    return_hydra_config: bool = False,
+    output_dir: str | os.PathLike | None = None,
+    config_dir: str | os.PathLike | None = None,
+) -> DictConfig:
+    """`config_name` composed with `overrides` (Hydra's override syntax) from conf/ (or `config_dir`), as
+    an entry point composes it; the project's resolvers are registered first. Hydra's own errors (an
+    unknown key, a bad override) propagate unchanged.
+
+    With `output_dir`, the config is the one a run's task function sees: Hydra's runtime output dir set to
+    `output_dir` (job number 0) and registered as the current `HydraConfig`, so `${hydra:...}`
+    interpolations such as paths.output_dir resolve; the `hydra` node, read-only as in a run, is then
+    dropped unless `return_hydra_config`.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    # a Hydra left initialized (a previous compose, an interrupted test) would refuse a new one
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir or conf_dir()), version_base="1.3"):
+        cfg = compose(
+            config_name,
+            overrides=list(overrides),
+            return_hydra_config=return_hydra_config or output_dir is not None,
+        )
+    if output_dir is not None:
+        _set_run_dir(cfg, output_dir, keep_hydra=return_hydra_config)
+    return cfg
+
+
+def _set_run_dir(cfg: DictConfig, output_dir: str | os.PathLike, keep_hydra: bool) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    if not keep_hydra:
+        with open_dict(cfg):
+            del cfg["hydra"]
 
 
 def _count_vocab_lines(path: str) -> int:

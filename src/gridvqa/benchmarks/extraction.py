@@ -53,7 +53,7 @@ from gridvqa.benchmarks.common import (
     timed_row,
     write_json,
 )
-from gridvqa.config import conf_dir, register_resolvers
+from gridvqa.config import compose_config
 from gridvqa.data.features import FeatureWriter, GridFeatures, RegionFeatures
 from gridvqa.devices import resolve_device
 from gridvqa.extraction import (
@@ -91,11 +91,6 @@ def compose_cfg(
     args: argparse.Namespace, folder: Path, kind: str, proposals: int = 1000, precision: str | None = None
 ):
     """conf/extract.yaml as `python -m gridvqa.extract` composes it, set to this benchmark's sizes."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
     overrides = [
         f"kind={kind}",
         "weights=random",
@@ -116,8 +111,7 @@ def compose_cfg(
         "progress=false",
         *args.extract_override,
     ]
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return compose("extract", overrides=overrides)
+    return compose_config("extract", overrides)
 
 
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from gridvqa.benchmarks.common import PeakMemory, environment, ratio, sync, write_json
-from gridvqa.config import conf_dir, register_resolvers
+from gridvqa.config import compose_config
 from gridvqa.data import layout
 
 STEP_GOAL = 0.85  # (a)'s images/s / (b + c)'s images/s at least
@@ -87,22 +87,7 @@ FULL = {"batches": 10, "repeats": 5}
 
 def compose_cfg(overrides: list[str], output_dir: Path):
     """The config `python -m gridvqa.train` would see (hydra node dropped, its runtime dir set)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)  # for ${hydra:...} interpolations (paths.output_dir)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_config("train", overrides, output_dir=output_dir)
 
 
 def has_data(root: Path) -> bool:

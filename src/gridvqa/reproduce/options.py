@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gridvqa.config import conf_dir, register_resolvers
+from gridvqa.config import compose_config, conf_dir
 from gridvqa.data import layout
 from gridvqa.errors import ConfigError
 from gridvqa.reporting import override_key
@@ -83,13 +83,7 @@ def _quote_list_overrides(arg: str) -> str:
 
 def load_config(overrides: Sequence[str] = ()) -> Any:
     """conf/reproduce.yaml composed with `overrides` (Hydra's override syntax)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return compose("reproduce", overrides=[_quote_list_overrides(o) for o in overrides])
+    return compose_config("reproduce", [_quote_list_overrides(o) for o in overrides])
 
 
 @dataclass
