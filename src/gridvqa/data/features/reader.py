@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +17,9 @@ import numpy as np
 from gridvqa.data.features.format import ROW_FIELDS, parts_dir
 from gridvqa.data.features.index import identity, load_index
 from gridvqa.errors import DataError
+
+# re-reads of the index when a writer replaced the file mid-read (about 2.5 s of back-off in all)
+_ATTEMPTS = 10
 
 
 class _Stale(Exception):
@@ -99,7 +103,7 @@ class _FeatureReader:
 
     def _fetch(self, image_id: int, names: Iterable[str]) -> tuple[int, dict[str, np.ndarray]]:
         """(entry, {dataset: rows of this image}); KeyError for an id not in the file."""
-        for attempt in range(3):
+        for attempt in range(_ATTEMPTS):
             i = self._entry(image_id)
             start = self._index.offset[i]
             stop = start + int(np.prod(self._index.extent[i]))
@@ -111,10 +115,12 @@ class _FeatureReader:
             try:
                 f = self._handle(part)
             except (_Stale, OSError) as e:
-                if attempt == 2:
+                if attempt == _ATTEMPTS - 1:
                     why = str(e).splitlines()[0] if str(e) else "it keeps changing"
                     raise DataError(f"{self.path}: cannot read image {image_id} ({why})") from None
                 self.close()
+                if attempt:  # writers committing image by image can replace it again at once: back off
+                    time.sleep(min(0.5, 0.005 * 2**attempt))
                 self._load()  # a writer consolidated (or replaced) the file since we read its index
                 continue
             return i, {name: f[name][start:stop] for name in names}
