@@ -132,12 +132,15 @@ class FeatureWriter:
             self._error_raised = True
             raise self._thread.error
 
-    def _check_open(self, kind: str) -> None:
+    def _new_id(self, kind: str, image_id: int) -> int | None:
+        """The id as an int if `add_<kind>` may add it; None when it is already done."""
         if self._closed:
             raise ValueError(f"{self.path}: writer is closed")
         self._raise_thread_error()
         if kind != self.kind:
             raise ValueError(f"{self.path}: this is a {self.kind} feature file; add_{kind} does not apply")
+        image_id = operator.index(image_id)
+        return None if image_id in self._done else image_id
 
     def _cast_features(self, image_id: int, x: np.ndarray) -> np.ndarray:
         if not np.issubdtype(x.dtype, np.floating):
@@ -189,9 +192,8 @@ class FeatureWriter:
 
     def add_grid(self, image_id: int, grid: Any, image_size: Any) -> bool:
         """Add one image's res5 map `grid` [H, W, C] and its original (h, w); False if the id is done."""
-        self._check_open("grid")
-        image_id = operator.index(image_id)
-        if image_id in self._done:
+        image_id = self._new_id("grid", image_id)
+        if image_id is None:
             return False
         g = np.asarray(grid)
         if g.ndim != 3 or min(g.shape) < 1:
@@ -213,9 +215,8 @@ class FeatureWriter:
     ) -> bool:
         """Add one image's N boxes: features [N, C], boxes [N, 4] (x1, y1, x2, y2 in original pixels),
         optional labels / scores [N] and attribute labels / scores [N, ...]; False if the id is done."""
-        self._check_open("region")
-        image_id = operator.index(image_id)
-        if image_id in self._done:
+        image_id = self._new_id("region", image_id)
+        if image_id is None:
             return False
         feats = np.asarray(features)
         if feats.ndim != 2 or min(feats.shape) < 1:
