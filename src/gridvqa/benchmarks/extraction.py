@@ -68,6 +68,7 @@ from gridvqa.extraction import (
     grid_to_host,
     plan_batches,
     prepare_model,
+    resolve_preprocess,
 )
 from gridvqa.models.backbone import ARCHS, default_stride_in_1x1
 
@@ -168,9 +169,7 @@ class Bench:
         preprocess = cfg.get("preprocess")
         if preprocess is None:
             return {}
-        if preprocess == "auto":  # as extraction's run(): resize on a GPU, in the workers on a CPU
-            preprocess = "device" if self.device.type == "cuda" else "workers"
-        return {"preprocess": str(preprocess)}
+        return {"preprocess": resolve_preprocess(str(preprocess), self.device)}
 
 
 def model_options(cfg) -> dict[str, bool]:
