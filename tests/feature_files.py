@@ -3,6 +3,11 @@ grids and regions with helpers to write, check and compare them."""
 
 from __future__ import annotations
 
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -101,3 +106,55 @@ def file_contents(path: Path) -> dict:
             a = ds[()]
             out[name] = (ds.dtype.str, a.shape, a.tobytes() if a.dtype.kind != "O" else a.tolist())
     return out
+
+
+def kill_and_resume(
+    script: Path,
+    path: Path,
+    n: int,
+    *,
+    rounds: int,
+    seed: int,
+    gap: tuple[int, int],
+    check_running: tuple = (),
+) -> subprocess.CompletedProcess:
+    """Runs the writer script (args: file, n; it prints the count of committed images after each commit and
+    "closing" before the final consolidation) `rounds` times, SIGKILLing it at a random moment `gap` images
+    after the last kill (the last round within the consolidation), checks after each kill that the file
+    is readable, shows nothing half-written and has lost nothing committed; then runs it to the end and
+    returns that run. `check_running`: rounds that also read the file while the writer goes on."""
+    cmd = [sys.executable, str(script), str(path), str(n)]
+    rng = random.Random(seed)
+    seen = 0
+    for round_ in range(rounds):
+        target = seen + rng.randint(*gap) if round_ < rounds - 1 else None
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        reported = seen
+        for line in child.stdout:
+            if line.strip() == "closing":
+                reported = n  # flushed: everything is committed
+                break
+            reported = int(line)
+            if target is not None and reported >= target:
+                break
+        else:
+            raise AssertionError(f"the writer finished before round {round_} could kill it")
+        if target is None and reported != n:
+            raise AssertionError(f"round {round_} should have reached the consolidation")
+        if round_ in check_running:
+            check_intact(path)  # readable while the writer is running (it goes on meanwhile)
+        # a random moment: mid-add, mid-part, mid-index; in the last round within the consolidation
+        time.sleep(rng.uniform(0, 0.02 if target is not None else 0.1))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+        # the consolidation may beat the last kill: then this round checks the finished file
+        assert child.returncode == -signal.SIGKILL or (target is None and child.returncode == 0)
+        done = check_intact(path)  # nothing half-written visible
+        assert len(done) >= reported  # what the writer had committed is never lost
+        seen = len(done)
+    assert seen == n
+    final = subprocess.run(cmd, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert sorted(path.parent.iterdir()) == [path]  # leftovers of the killed runs are gone
+    return final

@@ -5,12 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import random
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import h5py
@@ -22,6 +17,7 @@ from feature_files import (
     C,
     check_intact,
     flushed_writer,
+    kill_and_resume,
     make_grid,
     make_region,
     write_grid,
@@ -316,36 +312,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(CHILD.format(tests=str(Path(__file__).parent))))
     path = tmp_path / "killed" / "g.h5"
-    cmd = [sys.executable, str(script), str(path), str(n)]
-    rng = random.Random(0)
-    seen = 0
-    # Five kills in the middle of extraction, the sixth during the final consolidation.
-    for round_ in range(6):
-        target = seen + rng.randint(20, 50) if round_ < 5 else None
-        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        for line in child.stdout:
-            if line.strip() == "closing" if target is None else int(line) >= target:
-                break
-        else:
-            pytest.fail(f"the writer finished before round {round_} could kill it")
-        if round_ in (1, 3):
-            check_intact(path)  # readable while the writer is running (it goes on meanwhile)
-        # a random moment: mid-add, mid-part, mid-index; in the last round within the consolidation
-        time.sleep(rng.uniform(0, 0.02 if target is not None else 0.1))
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        child.stdout.close()
-        # the consolidation may beat the last kill: then this round checks the finished file
-        assert child.returncode == -signal.SIGKILL or (target is None and child.returncode == 0)
-        done = check_intact(path)  # readable after the writer died, nothing half-written visible
-        assert len(done) >= max(seen, target or n)  # committed images are never lost
-        seen = len(done)
-    assert seen == n
-    final = subprocess.run(cmd, capture_output=True, text=True)
-    assert final.returncode == 0, final.stderr
+    # five kills in the middle of extraction, the sixth during the final consolidation
+    final = kill_and_resume(script, path, n, rounds=6, seed=0, gap=(20, 50), check_running=(1, 3))
     assert final.stdout.split() == ["closing"]  # nothing left to extract
     assert check_intact(path) == set(range(n))
-    assert sorted(os.listdir(path.parent)) == ["g.h5"]  # leftovers of the killed runs are gone
 
     reference = write_grid(tmp_path / "ref.h5", range(n))
     a, b = open_features(path), open_features(reference)

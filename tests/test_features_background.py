@@ -3,10 +3,6 @@ back-pressure, and resume after SIGKILL giving the file of one uninterrupted run
 
 from __future__ import annotations
 
-import random
-import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -16,7 +12,16 @@ import h5py
 import numpy as np
 import pytest
 
-from feature_files import PROV, check_intact, file_contents, grid_size, make_grid, make_region, write_grid
+from feature_files import (
+    PROV,
+    check_intact,
+    file_contents,
+    grid_size,
+    kill_and_resume,
+    make_grid,
+    make_region,
+    write_grid,
+)
 from gridvqa.data.features import FeatureWriter, open_features
 from gridvqa.errors import DataError
 
@@ -194,32 +199,8 @@ def test_resume_after_sigkill_is_bit_identical_to_one_run(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(CHILD.format(tests=str(Path(__file__).parent))))
     path = tmp_path / "killed" / "g.h5"
-    cmd = [sys.executable, str(script), str(path), str(n)]
-    rng = random.Random(1)
-    seen = 0
-    for round_ in range(5):  # four kills mid-run, the fifth around the final consolidation
-        target = seen + rng.randint(15, 40) if round_ < 4 else None
-        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        reported = seen
-        for line in child.stdout:
-            if line.strip() == "closing":
-                break
-            reported = int(line)
-            if target is not None and reported >= target:
-                break
-        else:
-            pytest.fail(f"the writer finished before round {round_} could kill it")
-        time.sleep(rng.uniform(0, 0.02 if target is not None else 0.1))
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        child.stdout.close()
-        assert child.returncode == -signal.SIGKILL or (target is None and child.returncode == 0)
-        done = check_intact(path)  # nothing half-written visible
-        assert len(done) >= reported  # what the writer had committed is never lost
-        seen = len(done)
-    final = subprocess.run(cmd, capture_output=True, text=True)
-    assert final.returncode == 0, final.stderr
-    assert sorted(path.parent.iterdir()) == [path]  # leftovers of the killed runs are gone
+    # four kills mid-run, the fifth around the final consolidation
+    kill_and_resume(script, path, n, rounds=5, seed=1, gap=(15, 40))
     reference = write_grid(tmp_path / "ref.h5", range(n))
     assert file_contents(path) == file_contents(reference)
 
