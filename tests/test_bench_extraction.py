@@ -92,6 +92,8 @@ def test_rows_per_precision_breakdown_and_ratios(bench, tmp_path, capsys):
         bf16["grid"]["images_per_s"] / res["grid"]["images_per_s"]
     )
     assert record["options"]["preprocess"] == "workers" and record["environment"]["device"] == "cpu"
+    capability = torch.backends.cpu.get_cpu_capability()  # CPU figures depend on it: named with them
+    assert record["environment"]["cpu_capability"] == capability and f", {capability})" in text
     for name in ("loader", "compute", "writer", "where the grid run's time goes", "region@50 / grid",
                  "ratios, bfloat16", "bfloat16 / float32 throughput", "main thread compute",
                  "output stride 32"):  # fmt: skip

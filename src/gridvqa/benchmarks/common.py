@@ -27,7 +27,21 @@ def sync(device: torch.device) -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    name = cpu_model() or platform.processor() or platform.machine()
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def cpu_model() -> str | None:
+    """The model name in /proc/cpuinfo (Linux), else None: platform.processor() gives only "x86_64"."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return None
 
 
 class PeakMemory:
@@ -76,6 +90,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        # the vector instructions torch's CPU kernels use (e.g. AVX2, AVX512): CPU figures and the
+        # ratios between convolution shapes move with it from host to host
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
     if device.type == "cuda":
