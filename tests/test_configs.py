@@ -67,3 +67,22 @@ def test_wandb_offline_unless_a_key_is_configured(monkeypatch, tmp_path):
     assert compose_cfg(["logger=wandb"], tmp_path).logger.wandb.offline is False
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert compose_cfg(["logger=many"], tmp_path).logger.wandb.offline is True
+
+
+def test_each_process_of_a_torchrun_or_slurm_launch_gets_its_own_run_folder(monkeypatch):
+    import yaml
+
+    from gridvqa.config import REPO_ROOT, register_resolvers
+
+    register_resolvers()
+    run_dir = yaml.safe_load((REPO_ROOT / "conf" / "hydra" / "default.yaml").read_text())["run"]["dir"]
+    prefix = "${paths.log_dir}/${task_name}/runs/${now:%Y-%m-%d}_${now:%H-%M-%S}"  # Hydra's parts
+    assert run_dir.startswith(prefix)
+    node = OmegaConf.create({"dir": "t" + run_dir.removeprefix(prefix)})
+    cases = [({}, "t"), ({"RANK": "0"}, "t"), ({"RANK": "3"}, "t_rank3"), ({"SLURM_PROCID": "2"}, "t_rank2")]
+    for env, want in cases:
+        monkeypatch.delenv("RANK", raising=False)
+        monkeypatch.delenv("SLURM_PROCID", raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert node.dir == want, env

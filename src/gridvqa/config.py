@@ -130,6 +130,14 @@ def wandb_offline() -> bool:
         return True
 
 
+def launch_rank_suffix() -> str:
+    """"_rank<N>" in the processes of a torchrun or SLURM launch other than rank 0, else "". Each of
+    them composes its own config, so two started in the same second would share one run folder and log
+    file; Lightning's own DDP children get rank 0's folder on their command line and never ask."""
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID")
+    return f"_rank{rank}" if rank and rank != "0" else ""
+
+
 def register_resolvers() -> None:
     """OmegaConf resolvers so configs read vocabulary sizes from the data instead of constants."""
     from omegaconf import OmegaConf
@@ -144,6 +152,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("feature_dim", _feature_dim, use_cache=True)
     if not OmegaConf.has_resolver("num_answers"):
         OmegaConf.register_new_resolver("num_answers", _count_answers, use_cache=True)
+    if not OmegaConf.has_resolver("launch_rank_suffix"):
+        OmegaConf.register_new_resolver("launch_rank_suffix", launch_rank_suffix)
 
 
 def to_plain(value):
