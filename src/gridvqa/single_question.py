@@ -55,9 +55,9 @@ def read_picture(image: str | Path | Image.Image) -> Image.Image:
     """An image file (decoded as training reads it) or a PIL image, as 8-bit RGB."""
     from PIL import Image as PILImage
 
-    from gridvqa.data.images import _to_rgb, load_image
+    from gridvqa.data.images import load_image, to_rgb
 
-    return _to_rgb(image) if isinstance(image, PILImage.Image) else load_image(image)
+    return to_rgb(image) if isinstance(image, PILImage.Image) else load_image(image)
 
 
 def open_features(features: str | Path | GridFeatures | RegionFeatures, source: str):

@@ -59,7 +59,7 @@ class ImageError(DataError):
 # Loading
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. Transparent pixels are composited on white (not dropped), because the
     colour stored under alpha=0 is arbitrary (often black) and would show up as spurious content."""
     mode = im.mode
@@ -120,7 +120,7 @@ def load_image(path: str | Path) -> Image.Image:
             except Exception as e:  # broken EXIF metadata does not make the pixels unusable
                 log.warning("%s: ignoring unreadable EXIF orientation (%s)", p, e)
                 oriented = im
-            rgb = _to_rgb(oriented)
+            rgb = to_rgb(oriented)
             if rgb is im:
                 rgb = im.copy()  # detach from the closed file
     except UnidentifiedImageError:
@@ -664,7 +664,7 @@ class ImagePipeline:
     @staticmethod
     def decode(img: Image.Image) -> torch.Tensor:
         """A decoded image as a uint8 RGB CHW tensor (what `prepare_batch` takes, padded into a batch)."""
-        return TF.pil_to_tensor(img if img.mode == "RGB" else _to_rgb(img))
+        return TF.pil_to_tensor(img if img.mode == "RGB" else to_rgb(img))
 
     def __call__(
         self,
@@ -673,7 +673,7 @@ class ImagePipeline:
         rng: RandomSource | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         if isinstance(img, Image.Image):
-            img = img if img.mode == "RGB" else _to_rgb(img)
+            img = img if img.mode == "RGB" else to_rgb(img)
             h, w = img.height, img.width
         else:
             if img.ndim != 3 or img.shape[0] != 3:
