@@ -5,6 +5,7 @@ real `python -m gridvqa.<entry>` subprocesses."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -512,6 +513,25 @@ def test_evaluate_keeps_the_score_when_the_results_file_cannot_be_written(tiny_s
     res = evaluate_split(ckpt, tiny_shapes, "val", out=tmp_path / "r.json", features=feats)
     assert res.scores is not None and 0 <= res.scores["overall"] <= 100
     assert res.write_error == f"{tmp_path / 'r.json'}: results file not written (No space left on device)"
+
+
+def test_evaluate_reads_the_features_where_extraction_writes_them(tiny_shapes, tmp_path):
+    from ckpt_utils import region_checkpoint, write_region_features
+    from gridvqa.data import layout
+    from gridvqa.inference import accuracy_path, evaluate_split
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_shapes, root)
+    ckpt, _ = region_checkpoint(root, tmp_path / "region.ckpt")
+    default = layout.features_path(root, "region_h5", "val")
+    assert default == root / "features" / "region_val.h5"
+    make = r"python -m gridvqa.extract kind=region split=val\)$"
+    with pytest.raises(ConfigError, match=r"region_val.h5: not found; .*" + make):
+        evaluate_split(ckpt, root, "val", out=tmp_path / "r.json")
+    write_region_features(root, "val", default)
+    res = evaluate_split(ckpt, root, "val", out=tmp_path / "r.json")
+    assert res.accuracy_path == accuracy_path(tmp_path / "r.json") == tmp_path / "r_accuracy.json"
+    assert json.loads(res.accuracy_path.read_text()) == res.scores and res.write_error is None
 
 
 

@@ -137,6 +137,9 @@ def test_evaluate_cli_val_prints_the_official_scores(trained, tmp_path):
     qpath, apath = layout.questions_path(root, "val"), layout.annotations_path(root, "val")
     assert printed == vqa_eval.evaluate(qpath, apath, out)
     assert set(printed) == {"overall", "perAnswerType", "perQuestionType"}
+    # the scores are kept beside the results, named as the official tool names them
+    assert json.loads((tmp_path / "res_accuracy.json").read_text()) == printed
+    assert f"accuracy: {tmp_path / 'res_accuracy.json'}" in r.stderr
     ids = [q["question_id"] for q in read_questions(qpath)]
     assert [r["question_id"] for r in vqa_eval.load_results(out)] == ids
 

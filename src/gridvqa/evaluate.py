@@ -1,6 +1,7 @@
 """Evaluation entry point: `python -m gridvqa.evaluate ckpt_path=PATH split=val [out=PATH]` (Hydra).
 
-Answers every question of the split, writes the results file and prints the official scorer's JSON;
+Answers every question of the split, writes the results file and prints the official scorer's JSON
+(also written beside the results file, `..._accuracy.json`, as the official tool names it);
 on test splits (no annotations) it writes the file EvalAI accepts and says where: `split=test` for the
 Test-Standard phase, `split=test-dev` for the Test-Dev phase (the model answers the test-dev questions and
 the file still lists every test2015 question, as that phase requires). Logic: gridvqa.inference.
@@ -39,6 +40,7 @@ def main(cfg: DictConfig) -> float | None:
     print(res.summary())
     if res.scores is not None:
         print(f"results: {res.results_path}", file=sys.stderr)
+        print(f"accuracy: {res.accuracy_path}", file=sys.stderr)
         return float(res.scores["overall"])
     return None
 

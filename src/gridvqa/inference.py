@@ -42,6 +42,15 @@ DEFAULT_SIZE_DIVISIBILITY = 32
 RESULTS_NAME = "vqa_OpenEnded_mscoco_{split}_gridvqa_results.json"  # the official results-file naming
 
 
+def accuracy_path(results_path: str | Path) -> Path:
+    """Where the scores of a results file go: `..._results.json` -> `..._accuracy.json`, the official
+    tool's naming (its accuracy file holds the same {"overall", "perQuestionType", "perAnswerType"})."""
+    p = Path(results_path)
+    stem = p.name.removesuffix(".json")
+    stem = stem.removesuffix("_results") if stem.endswith("_results") else stem
+    return p.with_name(f"{stem}_accuracy.json")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -255,10 +264,14 @@ def answer_split(
     if source == "pixels":
         pipeline = image_pipeline(module)
     else:
-        if features is None:
-            raise ConfigError(
-                f"this checkpoint reads {source} features: give the split's feature file (features=PATH)"
-            )
+        if features is None:  # where extraction writes the split's features by default
+            features = layout.features_path(root, source, split)
+            if not features.is_file():
+                raise ConfigError(
+                    f"{features}: not found; this checkpoint reads {source} features: give the split's "
+                    f"feature file (features=PATH) or make it (python -m gridvqa.extract "
+                    f"kind={layout.FEATURE_KINDS.get(source, source)} split={split})"
+                )
         from gridvqa.data.features import open_features
 
         store = open_features(features)
@@ -335,6 +348,7 @@ class SplitEvaluation:
     filled: int = 0  # test-dev: test2015 questions outside test-dev, answered `filler` (not scored there)
     filler: str | None = None
     write_error: str | None = None  # why the results file could not be written (the scores still count)
+    accuracy_path: Path | None = None  # the scores as a file (scored splits)
 
     def summary(self) -> str:
         if self.scores is not None:
@@ -383,11 +397,29 @@ def evaluate_split(
     scores = None
     if ann.is_file():  # scored from the answers in memory: a failed write does not lose the score
         scores = vqa_eval.evaluate(layout.questions_path(data_root, split), ann, results)
-    write_error = None
+    scores_path, write_error = _write_files(path, results, scores)
+    return SplitEvaluation(official, path, len(results), blind, scores, ann, filled, module.answers[0],
+                           write_error, scores_path)
+
+
+def _write_files(
+    path: Path, results: Sequence[Mapping[str, Any]], scores: dict[str, Any] | None
+) -> tuple[Path | None, str | None]:
+    """Writes the results file, then (scored splits) the accuracy file beside it; returns (the accuracy
+    file, why a file was not written)."""
+    from gridvqa.data.jsonio import atomic_write_json
+    from gridvqa.metrics import vqa_eval
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         vqa_eval.write_results(path, results)
     except OSError as e:
-        write_error = f"{path}: results file not written ({e.strerror or e})"
-    return SplitEvaluation(official, path, len(results), blind, scores, ann, filled, module.answers[0],
-                           write_error)
+        return None, f"{path}: results file not written ({e.strerror or e})"
+    if scores is None:
+        return None, None
+    scores_path = accuracy_path(path)
+    try:
+        atomic_write_json(scores_path, scores, indent=1)
+    except OSError as e:
+        return None, f"{scores_path}: scores file not written ({e.strerror or e})"
+    return scores_path, None

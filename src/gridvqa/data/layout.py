@@ -118,6 +118,16 @@ def answers_path(root: str | Path) -> Path:
     return Path(root) / "answers.json"
 
 
+# the HDF5 feature kind each feature-reading VQA source reads
+FEATURE_KINDS = {"grid_h5": "grid", "region_h5": "region"}
+
+
+def features_path(root: str | Path, kind: str, split: str) -> Path:
+    """Where `python -m gridvqa.extract kind=KIND split=SPLIT` writes by default (conf/extract.yaml's
+    `output`), and where the experiments reading features look."""
+    return Path(root) / "features" / f"{FEATURE_KINDS.get(kind, kind)}_{split}.h5"
+
+
 def tokenizer_dir(root: str | Path) -> Path:
     return Path(root) / "tokenizer"
 
