@@ -518,7 +518,8 @@ def test_evaluate_keeps_the_score_when_the_results_file_cannot_be_written(tiny_s
 def test_evaluate_reads_the_features_where_extraction_writes_them(tiny_shapes, tmp_path):
     from ckpt_utils import region_checkpoint, write_region_features
     from gridvqa.data import layout
-    from gridvqa.inference import accuracy_path, evaluate_split
+    from gridvqa.inference import evaluate_split
+    from gridvqa.metrics.vqa_eval import accuracy_path
 
     root = tmp_path / "data"
     shutil.copytree(tiny_shapes, root)

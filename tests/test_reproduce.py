@@ -132,6 +132,12 @@ def fake_done(opts: Options) -> None:
             for ckpt in st.outputs[1:]:
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
                 ckpt.write_bytes(b"ckpt")
+        elif st.kind == "evaluate":
+            shift = 2.0 if st.setting == "e2e" else 0.0
+            scores = {"overall": 40.0, "perAnswerType": {"other": 40.0},
+                      "perQuestionType": {"what color is the": 50.0 + shift + st.seed, "how many": 30.0}}
+            st.outputs[0].parent.mkdir(parents=True, exist_ok=True)
+            st.outputs[0].write_text(json.dumps(scores))
         elif st.kind == "bench":
             st.outputs[0].parent.mkdir(parents=True, exist_ok=True)
             st.outputs[0].write_text(json.dumps(BENCH))
@@ -321,7 +327,10 @@ def test_fresh_plan_runs_everything_in_order(tmp_path, capsys):
     ]
     trains = [(st.setting, st.seed) for st in steps if st.kind == "train"]
     assert trains == [(s, seed) for s in SETTINGS for seed in (1, 2, 3)]
-    assert names[-3:] == ["bench", "report", "readme"]
+    # then the official scorer on each run's final model
+    evals = [st for st in steps if st.kind == "evaluate"]
+    assert [(st.setting, st.seed) for st in evals] == trains
+    assert names[-3:] == ["bench", "report", "readme"] and names[-4] == "evaluate e2e seed 3"
     assert steps[0].reason is None and "answers.json exists" in steps[0].note
     assert all(st.runs for st in steps[1:])
 
@@ -338,6 +347,14 @@ def test_fresh_plan_runs_everything_in_order(tmp_path, capsys):
     assert f"hydra.sweep.dir={opts.runs_dir / 'frozen'}" in cmd and "ckpt_path=last" in cmd
     assert by_name["pretrain pretrain_vg"].commands[0][3] == "experiment=reproduce/pretrain_vg"
     assert by_name["bench"].commands[0][1:3] == ["-m", "gridvqa.benchmarks.extraction"]
+    ev = by_name["evaluate region seed 2"]
+    run = opts.run_dir("region", 2)
+    assert ev.inputs == [run / "metrics.json"] and ev.reason == "not evaluated yet"
+    assert ev.outputs == [run / "eval" / "vqa_OpenEnded_mscoco_val2014_gridvqa_accuracy.json"]
+    assert ev.commands[0][1:5] == ["-m", "gridvqa.evaluate", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+                                   "split=val"]
+    assert f"out={run / 'eval' / 'vqa_OpenEnded_mscoco_val2014_gridvqa_results.json'}" in ev.commands[0]
+    assert "evaluate region seed 2" not in [st.name for st in plan(options(tmp_path, "evaluate=false"))]
     # recipe=null (the default): the experiment files as they are
     plain = {st.name: st for st in plan(options(tmp_path))}
     assert plain["train frozen seed 1"].overrides[0] == "experiment=frozen"
@@ -358,6 +375,10 @@ def test_everything_made_is_skipped_and_changes_redo_what_depends_on_them(tmp_pa
     assert (
         "| `e2e` > `frozen` | 40.20 ± 0.10 vs 38.20 ± 0.10 (+2.00) | yes, beyond the seeds' spread" in results
     )
+    # accuracy per question type: a row per type, a column per setting, over the seeds
+    assert "| question type | " + " | ".join(f"`{s}`" for s in SETTINGS) + " |" in results
+    assert "| what color is the | " + "52.00 ± 1.00 | " * 5 + "54.00 ± 1.00 |" in results
+    assert "| how many | 30.00 ± 0.00 |" in results
     assert read_block(tmp_path / "README.md").strip().startswith("`python -m gridvqa.reproduce`")
 
     # new pre-trained grid weights: grid features and every run on that backbone, finetune through frozen
@@ -369,9 +390,11 @@ def test_everything_made_is_skipped_and_changes_redo_what_depends_on_them(tmp_pa
         "extract grid train",
         "extract grid val",
         *[f"train {s} seed {seed}" for s in ("frozen", "finetune", "e2e") for seed in (1, 2, 3)],
+        *[f"evaluate {s} seed {seed}" for s in ("frozen", "finetune", "e2e") for seed in (1, 2, 3)],
         "report",
         "readme",
     ]
+    assert reasons["evaluate e2e seed 1"].endswith("e2e/seed_1/metrics.json is remade")
     assert reasons["train e2e seed 1"].endswith("pretrain_vg/backbone.safetensors is newer")
     assert reasons["train finetune seed 1"].endswith("frozen/seed_1/model.ckpt is remade")
     steps = {st.name: st for st in plan(opts)}
@@ -400,6 +423,8 @@ def test_changed_settings_and_missing_checkpoints(tmp_path):
     assert [n for n, r in reasons.items() if r] == [
         "train frozen seed 2",
         "train finetune seed 2",
+        "evaluate frozen seed 2",
+        "evaluate finetune seed 2",
         "report",
         "readme",
     ]
@@ -466,14 +491,14 @@ def test_jobs_run_training_side_by_side_in_dependency_order(tmp_path):
         (False, ["data"]),
         (True, ["pretrain"] * 2),
         (False, ["extract"] * 4),
-        (True, ["train"] * 18),
+        (True, ["train"] * 18 + ["evaluate"] * 18),
         (False, ["bench", "report", "readme"]),
     ]
-    trains = _blocks(steps, 3)[3][1]
-    deps = _dependencies(trains)
-    # finetune starts from its seed's frozen model; every other run is independent
+    deps = _dependencies(_blocks(steps, 3)[3][1])
+    # finetune starts from its seed's frozen model, a run's evaluation waits for it; the rest is independent
     assert {name: d for name, d in deps.items() if d} == {
-        f"train finetune seed {s}": {f"train frozen seed {s}"} for s in (1, 2, 3)
+        **{f"train finetune seed {s}": {f"train frozen seed {s}"} for s in (1, 2, 3)},
+        **{f"evaluate {n} seed {s}": {f"train {n} seed {s}"} for n in SETTINGS for s in (1, 2, 3)},
     }
     # one job: everything in plan order, a setting's seeds in one multirun as before
     assert [(together, len(block)) for together, block in _blocks(steps, 1)] == [(False, len(steps))]
@@ -594,6 +619,7 @@ def test_reproduce_end_to_end(tiny_shapes, tmp_path, capfd, monkeypatch):
         assert f"| `{s}` |" in results
     assert "| `e2e` > `frozen` |" in results and "| `frozen` > `frozen_random` |" in results
     assert "of 4 hold in this run" in results
+    assert "## Accuracy per question type" in results and "| what color is the |" in results
     steps = json.loads((tmp_path / "results" / "steps.json").read_text())["steps"]
     assert set(steps) == set(everything[1:-2])
     # each run in its own folder; finetune started from the frozen model of its own seed
@@ -636,6 +662,7 @@ def test_jobs_two_runs_at_once_give_the_sequential_records(tiny_shapes, tmp_path
         "bench.enabled=false",
         "settings=[frozen_random]",
         "seeds=[1,2]",
+        "evaluate=false",
         "train_overrides=debug=fdr data.batch_size=2 trainer.enable_progress_bar=false",
         "vqa_overrides=data.image_size=[64,64] data.val_batch_size=2",
     ]

@@ -26,6 +26,7 @@ from gridvqa.config import to_plain
 from gridvqa.data import layout
 from gridvqa.devices import resolve_device
 from gridvqa.errors import ConfigError, DataError
+from gridvqa.metrics.vqa_eval import RESULTS_NAME, accuracy_path
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -39,16 +40,6 @@ TRAIN_HINT = "python -m gridvqa.train experiment=e2e"
 SPLITS = ("train", "val", "test", "test-dev")
 DEFAULT_MAX_LENGTH = 14
 DEFAULT_SIZE_DIVISIBILITY = 32
-RESULTS_NAME = "vqa_OpenEnded_mscoco_{split}_gridvqa_results.json"  # the official results-file naming
-
-
-def accuracy_path(results_path: str | Path) -> Path:
-    """Where the scores of a results file go: `..._results.json` -> `..._accuracy.json`, the official
-    tool's naming (its accuracy file holds the same {"overall", "perQuestionType", "perAnswerType"})."""
-    p = Path(results_path)
-    stem = p.name.removesuffix(".json")
-    stem = stem.removesuffix("_results") if stem.endswith("_results") else stem
-    return p.with_name(f"{stem}_accuracy.json")
 
 
 # ---------------------------------------------------------------------------------------------------

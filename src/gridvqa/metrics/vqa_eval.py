@@ -224,6 +224,16 @@ def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
     return _validate_results(load_json(path, "VQA results"), str(path))
 
 
+RESULTS_NAME = "vqa_OpenEnded_mscoco_{split}_gridvqa_results.json"  # the official results-file naming
+
+
+def accuracy_path(results_path: str | Path) -> Path:
+    """Where the scores of a results file go: `..._results.json` -> `..._accuracy.json`, the official
+    tool's naming (its accuracy file holds the same {"overall", "perQuestionType", "perAnswerType"})."""
+    p = Path(results_path)
+    return p.with_name(p.name.removesuffix(".json").removesuffix("_results") + "_accuracy.json")
+
+
 def write_results(path: str | os.PathLike, items: Iterable[tuple[int, str]] | Iterable[Mapping]) -> Path:
     """Write `[{"question_id": int, "answer": str}]` atomically from (id, answer) pairs or dicts."""
     out = []

@@ -15,6 +15,7 @@ from typing import Any
 from gridvqa.config import compose_config, conf_dir
 from gridvqa.data import layout
 from gridvqa.errors import ConfigError
+from gridvqa.metrics.vqa_eval import RESULTS_NAME, accuracy_path
 from gridvqa.reporting import override_key
 
 BEGIN = "<!-- reproduce:begin -->"
@@ -200,6 +201,7 @@ class Options:
     expect: dict[str, Any]
     recipe: str | None = None
     jobs: int = 1
+    evaluate: bool = True  # the official scorer on each run's final model: accuracy per question type
     python: str = sys.executable
 
     @classmethod
@@ -248,6 +250,7 @@ class Options:
             expect=c.get("expect") or {},
             recipe=recipe,
             jobs=_jobs(c.get("jobs", 1)),
+            evaluate=bool(c.get("evaluate", True)),
         )
 
     def paths_overrides(self) -> list[str]:
@@ -262,6 +265,13 @@ class Options:
 
     def run_dir(self, setting: str, seed: int) -> Path:
         return self.runs_dir / setting / f"seed_{seed}"
+
+    def eval_results(self, setting: str, seed: int) -> Path:
+        """The val results file of a run's final model, in the official naming; its scores go beside it."""
+        return self.run_dir(setting, seed) / "eval" / RESULTS_NAME.format(split=layout.official_split("val"))
+
+    def eval_accuracy(self, setting: str, seed: int) -> Path:
+        return accuracy_path(self.eval_results(setting, seed))
 
     def published(self, setting: str, seed: int) -> Path:
         """Where a VQA run's checkpoint is published (one per seed: finetune reads its seed's)."""

@@ -70,7 +70,7 @@ class Step:
     """One unit of work: runs when `reason` is set, else is skipped (`note` says why)."""
 
     name: str
-    kind: str  # data | pretrain | extract | train | bench | report | readme
+    kind: str  # data | pretrain | extract | train | evaluate | bench | report | readme
     outputs: list[Path]
     inputs: list[Path] = field(default_factory=list)
     commands: list[list[str]] = field(default_factory=list)
@@ -365,6 +365,36 @@ def _plan_train(pl: _Planner) -> None:
             pl.add(step)
 
 
+def _plan_evaluate(pl: _Planner) -> None:
+    """The official scorer on each training run's final model (its last checkpoint), val split."""
+    opts = pl.opts
+    for tr in [st for st in pl.steps if st.kind == "train"]:
+        assert tr.run_dir is not None and tr.setting is not None and tr.seed is not None
+        results = opts.eval_results(tr.setting, tr.seed)
+        step = Step(
+            f"evaluate {tr.setting} seed {tr.seed}",
+            "evaluate",
+            outputs=[opts.eval_accuracy(tr.setting, tr.seed)],
+            inputs=[tr.outputs[0]],  # the run's metrics.json: rewritten when the run is
+            setting=tr.setting,
+            seed=tr.seed,
+            run_dir=results.parent,
+        )
+        step.commands.append(
+            [
+                pl.py, "-m", "gridvqa.evaluate", kv("ckpt_path", tr.run_dir / "checkpoints" / "last.ckpt"),
+                "split=val", kv("out", results), *opts.paths_overrides(), kv("hydra.run.dir", results.parent),
+            ]
+        )  # fmt: skip
+        if not step.outputs[0].is_file():
+            step.reason = "not evaluated yet"
+        elif changed := pl.changed_input(step):
+            step.reason = changed
+        else:
+            step.note = f"{rel(step.outputs[0])} exists"
+        pl.add(step)
+
+
 def _plan_bench(pl: _Planner) -> None:
     opts = pl.opts
     out = opts.results_dir / BENCH_FILE
@@ -391,7 +421,7 @@ def _plan_report(pl: _Planner) -> None:
         "report",
         "report",
         outputs=report_outputs(opts),
-        inputs=[st.outputs[0] for st in pl.steps if st.kind in ("train", "bench")],
+        inputs=[st.outputs[0] for st in pl.steps if st.kind in ("train", "evaluate", "bench")],
     )
     if any(st.runs for st in pl.steps):
         report.reason = "new results"
@@ -427,6 +457,8 @@ def plan(opts: Options) -> list[Step]:
         for split in opts.extract_splits:
             _plan_extract(pl, kind, split)
     _plan_train(pl)
+    if opts.evaluate:
+        _plan_evaluate(pl)
     if opts.bench is not None:
         _plan_bench(pl)
     _plan_report(pl)

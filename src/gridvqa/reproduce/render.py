@@ -271,6 +271,49 @@ def _accuracy_section(opts: Options, runs: Mapping[str, list[RunRecord]], prior:
     return out
 
 
+def _question_type_accuracy(opts: Options) -> dict[str, dict[str, list[float]]]:
+    """{setting: {question type: accuracy of each evaluated seed}} from the runs' official accuracy files."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for s in opts.settings:
+        per_type: dict[str, list[float]] = {}
+        for seed in opts.seeds:
+            path = opts.eval_accuracy(s.name, seed)
+            if not path.is_file():
+                continue
+            try:
+                scores = json.loads(path.read_text(encoding="utf-8"))["perQuestionType"]
+                for qtype, acc in scores.items():
+                    per_type.setdefault(str(qtype), []).append(float(acc))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise DataError(f"{path}: not an accuracy file of the official scorer ({e})") from None
+        out[s.name] = per_type
+    return out
+
+
+def _question_type_section(opts: Options) -> list[str]:
+    """Accuracy per question type (rows) and setting (columns), mean ± std over the evaluated seeds."""
+    if not opts.evaluate:
+        return []
+    acc = _question_type_accuracy(opts)
+    qtypes = sorted({q for per_type in acc.values() for q in per_type})
+    if not qtypes:
+        return []
+    names = [s.name for s in opts.settings]
+    out = [
+        "## Accuracy per question type",
+        "",
+        "The official scorer (`python -m gridvqa.evaluate split=val`) on each run's final model, mean ± "
+        "standard deviation over the seeds; the question types are those of the annotations file.",
+        "",
+        "| question type | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "| --- |" + " ---: |" * len(names),
+    ]
+    for q in qtypes:
+        cells = [_pm(stat(acc[n][q])) if acc[n].get(q) else "–" for n in names]
+        out.append(f"| {q} | " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
 def _recipe_line(opts: Options) -> str:
     files = _code(f"experiment={s.experiment}" for s in opts.settings)
     if opts.recipe:
@@ -368,6 +411,7 @@ def render_results(opts: Options) -> str:
     bench = _load_bench(opts)
     prior = _blind_prior(opts.data_root)
     out = _accuracy_section(opts, runs, prior)
+    out += _question_type_section(opts)
     out += _findings_section(_verdicts(opts, acc, bench), acc, prior)
     out += _extraction_section(opts, bench)
     out += _steps_section(opts)
@@ -385,6 +429,12 @@ def step_rows(opts: Options) -> list[tuple[str, list[str]]]:
         (f"train {s.name} ({len(opts.seeds)} seeds)", [f"train {s.name} seed {seed}" for seed in opts.seeds])
         for s in opts.settings
     ]
+    if opts.evaluate:
+        rows += [
+            (f"evaluate {s.name} ({len(opts.seeds)} seeds)",
+             [f"evaluate {s.name} seed {seed}" for seed in opts.seeds])
+            for s in opts.settings
+        ]  # fmt: skip
     if opts.bench is not None:
         rows.append(("bench", ["bench"]))
     return rows

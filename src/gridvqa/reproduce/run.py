@@ -21,9 +21,10 @@ from gridvqa.reproduce.options import STEPS_FILE, Options, kv, read_steps, rel, 
 from gridvqa.reproduce.plan import Step
 from gridvqa.reproduce.render import write_readme, write_results
 
-# Steps that may run side by side when jobs > 1: training runs, which only read what earlier steps made.
-# Data, extraction (which writes into the data root), the timing benchmark and the report run alone.
-SIDE_BY_SIDE = ("pretrain", "train")
+# Steps that may run side by side when jobs > 1: training runs and their evaluations, which only read what
+# earlier steps made. Data, extraction (which writes into the data root), the timing benchmark and the
+# report run alone.
+SIDE_BY_SIDE = ("pretrain", "train", "evaluate")
 
 
 class StepFailed(GridVQAError):
