@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -387,6 +388,14 @@ def test_load_views_needs_the_feature_file_of_a_region_model(world, tmp_path):
     views = load_views(specs)
     assert [v.name for v in views] == ["pixels (pixels)", "region (region_h5)"]
     assert views[0].features is None and views[1].features.path == world.features
+    # a split's pictures: the feature file where extraction writes it by default
+    default = tmp_path / "features" / "region_val.h5"
+    with pytest.raises(ConfigError, match="this checkpoint reads region_h5 features"):
+        load_views([{"ckpt_path": world.region_ckpt}], data_root=tmp_path, split="val")
+    default.parent.mkdir()
+    shutil.copyfile(world.features, default)
+    views = load_views([{"ckpt_path": world.region_ckpt}], data_root=tmp_path, split="val")
+    assert views[0].features.path == default
 
 
 def test_notebook_runs_headless_on_a_tiny_checkpoint(world, tmp_path, monkeypatch):

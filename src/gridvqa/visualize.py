@@ -25,7 +25,8 @@ def main(cfg: DictConfig) -> None:
     specs = [{"ckpt_path": cfg.ckpt_path, "features": cfg.get("features")}]
     if cfg.get("compare"):
         specs += OmegaConf.to_container(cfg.compare, resolve=True)
-    views = load_views(specs, device=cfg.get("device"))
+    views = load_views(specs, device=cfg.get("device"), data_root=cfg.paths.data_root,
+                       split=None if pair else str(cfg.split))
     common = {"which": cfg.attention, "layer": int(cfg.layer), "token": cfg.get("token"),
               "topk": int(cfg.topk)}
     if pair:

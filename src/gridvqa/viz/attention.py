@@ -519,9 +519,14 @@ class ModelView:
 
 
 def load_views(
-    specs: Sequence[Mapping[str, Any]], device: str | torch.device | None = "cpu"
+    specs: Sequence[Mapping[str, Any]],
+    device: str | torch.device | None = "cpu",
+    data_root: str | Path | None = None,
+    split: str | None = None,
 ) -> list[ModelView]:
-    """[{ckpt_path, features?, name?}] -> loaded models, their feature files opened and checked."""
+    """[{ckpt_path, features?, name?}] -> loaded models, their feature files opened and checked. A
+    feature-reading model without `features` reads extraction's default file of `split` in `data_root`
+    when both are given and the file is there."""
     views = []
     for spec in specs:
         if not spec.get("ckpt_path"):
@@ -530,10 +535,14 @@ def load_views(
         source = module.hparams.source
         reader = None
         if source != "pixels":
-            if not spec.get("features"):
+            features = spec.get("features")
+            if not features and data_root is not None and split is not None:
+                default = layout.features_path(data_root, source, split)
+                features = default if default.is_file() else None
+            if not features:
                 raise ConfigError(f"{spec['ckpt_path']}: this checkpoint reads {source} features; give the "
                                   "split's feature file (features=PATH)")
-            reader = open_features(spec["features"], source)
+            reader = open_features(features, source)
         name = spec.get("name") or f"{Path(spec['ckpt_path']).stem} ({source})"
         views.append(ModelView(module, reader, name))
     if not views:
