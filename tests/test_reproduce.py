@@ -389,8 +389,8 @@ def test_everything_made_is_skipped_and_changes_redo_what_depends_on_them(tmp_pa
     assert [n for n, r in reasons.items() if r] == [
         "extract grid train",
         "extract grid val",
-        *[f"train {s} seed {seed}" for s in ("frozen", "finetune", "e2e") for seed in (1, 2, 3)],
-        *[f"evaluate {s} seed {seed}" for s in ("frozen", "finetune", "e2e") for seed in (1, 2, 3)],
+        *[f"{kind} {s} seed {seed}" for s in ("frozen", "finetune", "e2e") for kind in ("train", "evaluate")
+          for seed in (1, 2, 3)],
         "report",
         "readme",
     ]
@@ -422,8 +422,8 @@ def test_changed_settings_and_missing_checkpoints(tmp_path):
     reasons = decisions(opts)
     assert [n for n, r in reasons.items() if r] == [
         "train frozen seed 2",
-        "train finetune seed 2",
         "evaluate frozen seed 2",
+        "train finetune seed 2",
         "evaluate finetune seed 2",
         "report",
         "readme",
@@ -491,7 +491,7 @@ def test_jobs_run_training_side_by_side_in_dependency_order(tmp_path):
         (False, ["data"]),
         (True, ["pretrain"] * 2),
         (False, ["extract"] * 4),
-        (True, ["train"] * 18 + ["evaluate"] * 18),
+        (True, (["train"] * 3 + ["evaluate"] * 3) * 6),  # a setting's evaluations after its runs
         (False, ["bench", "report", "readme"]),
     ]
     deps = _dependencies(_blocks(steps, 3)[3][1])

@@ -352,47 +352,52 @@ def _decide_train(pl: _Planner, step: Step) -> None:
 
 
 def _plan_train(pl: _Planner) -> None:
-    """Setting-major, so a setting's seeds share one multirun and finetune follows frozen."""
+    """Setting-major, so a setting's seeds share one multirun and finetune follows frozen; each setting's
+    evaluations follow its runs."""
     opts = pl.opts
     needed = {s.init_from for s in opts.settings if s.init_from}
     for s in opts.settings:
         common = merge_overrides(
             [f"experiment={s.experiment}"], opts.train_overrides, opts.vqa_overrides, s.overrides
         )
+        trains = []
         for seed in opts.seeds:
             step = _train_step(pl, s, seed, common, needed)
             _decide_train(pl, step)
             pl.add(step)
+            trains.append(step)
+        if opts.evaluate:  # right after the setting's runs: its figures are complete before the next starts
+            for step in trains:
+                pl.add(_evaluate_step(pl, step))
 
 
-def _plan_evaluate(pl: _Planner) -> None:
-    """The official scorer on each training run's final model (its last checkpoint), val split."""
+def _evaluate_step(pl: _Planner, tr: Step) -> Step:
+    """The official scorer on a training run's final model (its last checkpoint), val split."""
     opts = pl.opts
-    for tr in [st for st in pl.steps if st.kind == "train"]:
-        assert tr.run_dir is not None and tr.setting is not None and tr.seed is not None
-        results = opts.eval_results(tr.setting, tr.seed)
-        step = Step(
-            f"evaluate {tr.setting} seed {tr.seed}",
-            "evaluate",
-            outputs=[opts.eval_accuracy(tr.setting, tr.seed)],
-            inputs=[tr.outputs[0]],  # the run's metrics.json: rewritten when the run is
-            setting=tr.setting,
-            seed=tr.seed,
-            run_dir=results.parent,
-        )
-        step.commands.append(
-            [
-                pl.py, "-m", "gridvqa.evaluate", kv("ckpt_path", tr.run_dir / "checkpoints" / "last.ckpt"),
-                "split=val", kv("out", results), *opts.paths_overrides(), kv("hydra.run.dir", results.parent),
-            ]
-        )  # fmt: skip
-        if not step.outputs[0].is_file():
-            step.reason = "not evaluated yet"
-        elif changed := pl.changed_input(step):
-            step.reason = changed
-        else:
-            step.note = f"{rel(step.outputs[0])} exists"
-        pl.add(step)
+    assert tr.run_dir is not None and tr.setting is not None and tr.seed is not None
+    results = opts.eval_results(tr.setting, tr.seed)
+    step = Step(
+        f"evaluate {tr.setting} seed {tr.seed}",
+        "evaluate",
+        outputs=[opts.eval_accuracy(tr.setting, tr.seed)],
+        inputs=[tr.outputs[0]],  # the run's metrics.json: rewritten when the run is
+        setting=tr.setting,
+        seed=tr.seed,
+        run_dir=results.parent,
+    )
+    step.commands.append(
+        [
+            pl.py, "-m", "gridvqa.evaluate", kv("ckpt_path", tr.run_dir / "checkpoints" / "last.ckpt"),
+            "split=val", kv("out", results), *opts.paths_overrides(), kv("hydra.run.dir", results.parent),
+        ]
+    )  # fmt: skip
+    if not step.outputs[0].is_file():
+        step.reason = "not evaluated yet"
+    elif changed := pl.changed_input(step):
+        step.reason = changed
+    else:
+        step.note = f"{rel(step.outputs[0])} exists"
+    return step
 
 
 def _plan_bench(pl: _Planner) -> None:
@@ -457,8 +462,6 @@ def plan(opts: Options) -> list[Step]:
         for split in opts.extract_splits:
             _plan_extract(pl, kind, split)
     _plan_train(pl)
-    if opts.evaluate:
-        _plan_evaluate(pl)
     if opts.bench is not None:
         _plan_bench(pl)
     _plan_report(pl)
