@@ -527,7 +527,8 @@ def test_evaluate_reads_the_features_where_extraction_writes_them(tiny_shapes, t
     default = layout.features_path(root, "region_h5", "val")
     assert default == root / "features" / "region_val.h5"
     make = r"python -m gridvqa.extract kind=region split=val\)$"
-    with pytest.raises(ConfigError, match=r"region_val.h5: not found; .*" + make):
+    want = rf"region_val.h5: not found; {ckpt} reads region_h5 features: .*" + make
+    with pytest.raises(ConfigError, match=want):
         evaluate_split(ckpt, root, "val", out=tmp_path / "r.json")
     write_region_features(root, "val", default)
     res = evaluate_split(ckpt, root, "val", out=tmp_path / "r.json")

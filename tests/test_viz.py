@@ -390,7 +390,9 @@ def test_load_views_needs_the_feature_file_of_a_region_model(world, tmp_path):
     assert views[0].features is None and views[1].features.path == world.features
     # a split's pictures: the feature file where extraction writes it by default
     default = tmp_path / "features" / "region_val.h5"
-    with pytest.raises(ConfigError, match="this checkpoint reads region_h5 features"):
+    make = "python -m gridvqa.extract kind=region split=val"
+    want = f"{default}: not found; {world.region_ckpt} reads region_h5 .*{make}"
+    with pytest.raises(ConfigError, match=want):
         load_views([{"ckpt_path": world.region_ckpt}], data_root=tmp_path, split="val")
     default.parent.mkdir()
     shutil.copyfile(world.features, default)

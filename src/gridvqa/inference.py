@@ -230,10 +230,12 @@ def answer_split(
     features: str | Path | None = None,
     batch_size: int = 32,
     num_workers: int = 0,
+    owner: str | Path = "the checkpoint",
 ) -> tuple[list[dict[str, Any]], int]:
     """The model's answer to every question of a split, in the question file's order, and how many of
     them were answered without their image (unreadable files, or images missing from the feature file):
-    those get the most frequent training answer so the result file still covers the split."""
+    those get the most frequent training answer so the result file still covers the split. `owner` names
+    the model in errors (its checkpoint path)."""
     from functools import partial
 
     from torch.utils.data import DataLoader
@@ -255,14 +257,7 @@ def answer_split(
     if source == "pixels":
         pipeline = image_pipeline(module)
     else:
-        if features is None:  # where extraction writes the split's features by default
-            features = layout.features_path(root, source, split)
-            if not features.is_file():
-                raise ConfigError(
-                    f"{features}: not found; this checkpoint reads {source} features: give the split's "
-                    f"feature file (features=PATH) or make it (python -m gridvqa.extract "
-                    f"kind={layout.FEATURE_KINDS.get(source, source)} split={split})"
-                )
+        features = layout.split_features(features, root, source, split, owner)
         from gridvqa.data.features import open_features
 
         store = open_features(features)
@@ -380,7 +375,8 @@ def evaluate_split(
     module = _as_module(ckpt_or_module)
     if device is not None:
         module = module.to(resolve_device(device))
-    results, blind = answer_split(module, data_root, split, features, batch_size, num_workers)
+    owner = ckpt_or_module if isinstance(ckpt_or_module, str | Path) else "the checkpoint"
+    results, blind = answer_split(module, data_root, split, features, batch_size, num_workers, owner)
     filled = 0
     if official == TEST_DEV:
         results, filled = cover_test_set(results, data_root, module.answers[0])

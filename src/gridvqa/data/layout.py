@@ -128,6 +128,26 @@ def features_path(root: str | Path, kind: str, split: str) -> Path:
     return Path(root) / "features" / f"{FEATURE_KINDS.get(kind, kind)}_{split}.h5"
 
 
+def split_features(given: str | Path | None, root: str | Path | None, source: str, split: str | None,
+                   owner: str | Path) -> Path:
+    """The feature file a model reading `source` features (`owner`, its checkpoint) uses for `split`:
+    `given` (features=PATH), else where extraction writes the split's features by default."""
+    from gridvqa.errors import ConfigError
+
+    if given:
+        return Path(given)
+    if root is None or split is None:
+        raise ConfigError(f"{owner}: this checkpoint reads {source} features; give the split's feature file "
+                          "(features=PATH)")
+    path = features_path(root, source, split)
+    if not path.is_file():
+        kind = FEATURE_KINDS.get(source, source)
+        make = f"python -m gridvqa.extract kind={kind} split={split}"
+        raise ConfigError(f"{path}: not found; {owner} reads {source} features: give the split's feature "
+                          f"file (features=PATH) or make it ({make})")
+    return path
+
+
 def tokenizer_dir(root: str | Path) -> Path:
     return Path(root) / "tokenizer"
 

@@ -535,14 +535,8 @@ def load_views(
         source = module.hparams.source
         reader = None
         if source != "pixels":
-            features = spec.get("features")
-            if not features and data_root is not None and split is not None:
-                default = layout.features_path(data_root, source, split)
-                features = default if default.is_file() else None
-            if not features:
-                raise ConfigError(f"{spec['ckpt_path']}: this checkpoint reads {source} features; give the "
-                                  "split's feature file (features=PATH)")
-            reader = open_features(features, source)
+            path = layout.split_features(spec.get("features"), data_root, source, split, spec["ckpt_path"])
+            reader = open_features(path, source)
         name = spec.get("name") or f"{Path(spec['ckpt_path']).stem} ({source})"
         views.append(ModelView(module, reader, name))
     if not views:
