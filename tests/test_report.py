@@ -8,6 +8,7 @@ import json
 import statistics
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,16 @@ from PIL import Image
 
 from gridvqa.errors import DataError
 from gridvqa.report import main as report_main
-from gridvqa.reporting import collect_runs, load_run, summarize, to_csv, to_markdown, write_report
+from gridvqa.reporting import (
+    collect_runs,
+    load_run,
+    plot,
+    plot_label,
+    summarize,
+    to_csv,
+    to_markdown,
+    write_report,
+)
 
 ACC = {  # (experiment, seed) -> val/vqa_acc
     ("frozen", 1): 38.0,
@@ -90,6 +100,26 @@ def test_markdown_csv_png(sweep, tmp_path):
     with Image.open(written["png"]) as im:
         assert im.format == "PNG" and im.width > 200 and im.height > 100
     assert not (sweep / "report.md").exists()  # --out respected
+
+
+def test_long_override_labels_wrap_and_the_plot_keeps_its_layout(tmp_path):
+    long = ["++model.head.dropout=0.0", "++model.head.ffn=256", "model.lr=0.0005", "task_name=region_head",
+            "trainer.max_epochs=10"]
+    for seed in (1, 2):
+        write_run(tmp_path / "runs" / f"a{seed}", "frozen_random", seed, 40.0 + seed)
+        write_run(tmp_path / "runs" / f"b{seed}", "region", seed, 80.0 + seed, extra=long)
+    runs, _ = collect_runs(tmp_path / "runs")
+    report = summarize(runs, sweep_dir=tmp_path / "runs")
+    label = report.rows[1].label
+    assert len(label) > 100
+    wrapped = plot_label(label)
+    assert wrapped.replace("\n", " ") == label and max(map(len, wrapped.splitlines())) <= 40
+    assert plot_label("x" * 50) == "x" * 50  # one override is never cut
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when the labels leave the axes no room
+        path = plot(report, tmp_path / "report.png")
+    with Image.open(path) as im:
+        assert im.width > 900
 
 
 def test_single_seed_has_no_std_and_missing_metric_is_a_dash(tmp_path):

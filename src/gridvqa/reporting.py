@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import statistics
+import textwrap
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ SUMMARY_NAME = "metrics.json"
 SUMMARY_VERSION = 1
 # prefixes of the metrics a report tabulates beside the optimised one
 REPORTED_PREFIXES = ("val/", "test/")
+PLOT_LABEL_WIDTH = 40  # characters per line of a bar label in report.png
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +345,12 @@ def to_csv(report: Report) -> str:
     return buf.getvalue()
 
 
+def plot_label(label: str, width: int = PLOT_LABEL_WIDTH) -> str:
+    """A configuration's bar label on lines of at most `width` characters, broken between overrides
+    (a single override longer than that keeps its own line)."""
+    return textwrap.fill(label, width, break_long_words=False, break_on_hyphens=False)
+
+
 def plot(report: Report, path: str | Path) -> Path | None:
     """Horizontal bars (long override labels stay readable): mean of the primary metric per
     configuration, sample std as error bars. None when no run logged that metric."""
@@ -353,7 +361,11 @@ def plot(report: Report, path: str | Path) -> Path | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 1.2 + 0.45 * len(rows)), layout="constrained")
+    labels = [plot_label(f"{r.label} (n={len(r.runs)})") for r in rows]
+    widest = max(len(line) for label in labels for line in label.splitlines())
+    lines = sum(label.count("\n") + 1 for label in labels)
+    # room for the labels at fontsize 8 (~0.07 inch a character) beside a bar area of 5 inches
+    fig = Figure(figsize=(5.5 + 0.07 * widest, 1.2 + 0.3 * len(rows) + 0.15 * lines), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     means = [r.stats[report.primary].mean for r in rows]
@@ -361,7 +373,7 @@ def plot(report: Report, path: str | Path) -> Path | None:
     ys = list(range(len(rows)))[::-1]  # first configuration on top
     bars = ax.barh(ys, means, xerr=errs, capsize=4, color="#4c72b0", ecolor="black")
     ax.bar_label(bars, labels=[_fmt(m) for m in means], label_type="center", color="white", fontsize=8)
-    ax.set_yticks(ys, [f"{r.label} (n={len(r.runs)})" for r in rows], fontsize=8)
+    ax.set_yticks(ys, labels, fontsize=8)
     ax.set_xlabel(f"{report.primary} (mean ± std over seeds)")
     ax.set_title(f"{report.sweep_dir.name or report.sweep_dir}: {report.primary}", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
