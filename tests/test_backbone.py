@@ -231,6 +231,36 @@ def test_checkpointing_and_channels_last_change_nothing(option):
         torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "name, norm, channels_last",
+    [("R-tiny", "FrozenBN", False), ("X-tiny", "BN", True), ("R-tiny-bottleneck", "GN", False)],
+)
+def test_fold_batch_norm_keeps_features_and_leaves_no_bn(name, norm, channels_last):
+    x = _image()
+    m = _tiny(name=name, norm=norm, freeze_at=2, channels_last=channels_last)  # BN: stem + res2 FrozenBN
+    with torch.no_grad():
+        before = m(x)["res5"]
+    bns = [n for n, b in m.named_modules() if isinstance(b, (FrozenBatchNorm2d, nn.BatchNorm2d))]
+    gns = [n for n, b in m.named_modules() if isinstance(b, nn.GroupNorm)]
+    assert m.fold_batch_norm() == len(bns)
+    assert not any(isinstance(b, (FrozenBatchNorm2d, nn.BatchNorm2d)) for b in m.modules())
+    # GN's statistics are per image: it stays
+    assert [n for n, b in m.named_modules() if isinstance(b, nn.GroupNorm)] == gns
+    assert (len(gns) > 0) == (norm == "GN") != (len(bns) > 0)
+    if channels_last:
+        assert m.body.layer1[0].conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        after = m(x)["res5"]
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert m.fold_batch_norm() == 0  # nothing left to fold
+
+
+def test_fold_batch_norm_refuses_a_training_model():
+    m = build_backbone("R-tiny", freeze_at=0).train()
+    with pytest.raises(ValueError, match="training mode"):
+        m.fold_batch_norm()
+
+
 def test_weights_round_trip_and_errors(tmp_path):
     src = _tiny(stride_in_1x1=True)
     path = tmp_path / "bb.safetensors"

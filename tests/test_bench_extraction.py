@@ -59,7 +59,8 @@ def test_rows_per_precision_breakdown_and_ratios(bench, tmp_path, capsys):
     res, parts = record["results"], record["breakdown"]
     # the rows other scripts read keep their names (the first precision's); the breakdown stays out of them
     assert list(res) == ["backbone", "grid", "region@50"]
-    assert list(parts) == ["loader", "compute", "writer"]
+    assert list(parts) == ["loader", "compute", "writer", "backbone_bn_unfolded"]
+    assert record["options"]["fold_bn"] is True  # conf/extract.yaml's default: timed against the unfolded one
     assert list(record["precisions"]) == ["float32", "bfloat16"]
     assert record["precisions"]["float32"]["results"] == res
     for p in record["precisions"].values():
@@ -87,6 +88,9 @@ def test_rows_per_precision_breakdown_and_ratios(bench, tmp_path, capsys):
         )
         grid_t = rows["grid"]["seconds"] / 3
         assert r["region@50_over_grid"] == pytest.approx(rows["region@50"]["seconds"] / 3 / grid_t)
+    assert ratios["bn_folding_speedup"] == pytest.approx(
+        res["backbone"]["images_per_s"] / parts["backbone_bn_unfolded"]["images_per_s"]
+    )
     bf16 = record["precisions"]["bfloat16"]["results"]
     assert ratios["bfloat16_over_float32"]["grid"] == pytest.approx(
         bf16["grid"]["images_per_s"] / res["grid"]["images_per_s"]
@@ -95,7 +99,7 @@ def test_rows_per_precision_breakdown_and_ratios(bench, tmp_path, capsys):
     capability = torch.backends.cpu.get_cpu_capability()  # CPU figures depend on it: named with them
     assert record["environment"]["cpu_capability"] == capability and f", {capability})" in text
     for name in ("loader", "compute", "writer", "where the grid run's time goes", "region@50 / grid",
-                 "ratios, bfloat16", "bfloat16 / float32 throughput", "main thread compute",
+                 "ratios, bfloat16", "bfloat16 / float32 throughput", "main thread compute", "BN folding:",
                  "output stride 32"):  # fmt: skip
         assert name in text, name
     assert list(bench_ratios(record)) == ["region@50"]
@@ -103,8 +107,12 @@ def test_rows_per_precision_breakdown_and_ratios(bench, tmp_path, capsys):
 
 
 def test_stride_16_and_no_region_rows(bench, tmp_path, capsys):
-    record = run(bench, tmp_path, "--images", "2", "--workers", "0", "--res5-dilation", "2", "--proposals")
+    record = run(bench, tmp_path, "--images", "2", "--workers", "0", "--res5-dilation", "2", "--proposals",
+                 "--extract-override", "fold_bn=false")
     assert list(record["results"]) == ["backbone", "grid"]
+    # BN not folded: nothing to compare against
+    assert record["options"]["fold_bn"] is False and "backbone_bn_unfolded" not in record["breakdown"]
+    assert "bn_folding_speedup" not in record["ratios"]
     assert record["breakdown"]["writer"]["grid_shape"] == [4, 6, 256]
     assert record["args"]["res5_dilation"] == 2 and "output stride 16" in capsys.readouterr().out
     assert "bfloat16_over_float32" not in record["ratios"]

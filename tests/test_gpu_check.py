@@ -135,6 +135,8 @@ def test_quick_cpu_run_writes_every_row_and_ratio(tmp_path):
     for precision in ("float32", "bfloat16"):
         for row in ("backbone (R-tiny)", "grid (R-tiny)", "region@20 (R-tiny)"):
             assert ("extraction_x152", row, precision) in rows
+    for part in ("extraction_x152", "extraction_r50"):  # BN folding's gain, beside the folded backbone
+        assert (part, "backbone, BN not folded (R-tiny)", "float32") in rows
     assert ("training_r50_448", "training step (Lightning fit)", "32-true") in rows
     assert all(r["peak_memory_mb"] is None for r in summary["rows"])  # a CPU: no device memory
-    assert md.count("\n| extraction_x152 |") == 6 and "| part | row | precision | images/s | peak MiB |" in md
+    assert md.count("\n| extraction_x152 |") == 7 and "| part | row | precision | images/s | peak MiB |" in md

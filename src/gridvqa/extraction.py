@@ -415,10 +415,15 @@ def prepare_model(
     *,
     compile: bool = False,
     cudnn_benchmark: bool = True,
+    fold_bn: bool = True,
 ) -> nn.Module:
-    """Move the model to `device`; NHWC weights and inputs (`channels_last`), cuDNN's autotuner on a GPU
-    (batches repeat a few padded shapes, so its per-shape search pays off), the backbone compiled."""
+    """Move the model to `device`; the backbone's BNs folded into its convolutions (`fold_bn`), NHWC weights
+    and inputs (`channels_last`), cuDNN's autotuner on a GPU (batches repeat a few padded shapes, so its
+    per-shape search pays off), the backbone compiled."""
     model.to(device)
+    if fold_bn:
+        model.eval()
+        model.backbone.fold_batch_norm()
     if channels_last:
         model.backbone.set_channels_last(True)
     if device.type == "cuda":
@@ -859,6 +864,7 @@ def _extract_file(
             bool(cfg.get("channels_last", True)),
             compile=bool(cfg.get("compile", False)),
             cudnn_benchmark=bool(cfg.get("cudnn_benchmark", True)),
+            fold_bn=bool(cfg.get("fold_bn", True)),
         )
         summary = ExtractionSummary(output, kind, len(items), len(items) - len(missing))
         try:

@@ -173,8 +173,9 @@ class Bench:
 
 
 def model_options(cfg) -> dict[str, bool]:
-    """prepare_model()'s keywords that conf/extract.yaml sets (torch.compile, cudnn's algorithm search)."""
-    return {k: bool(cfg[k]) for k in ("compile", "cudnn_benchmark") if cfg.get(k) is not None}
+    """prepare_model()'s keywords that conf/extract.yaml sets (torch.compile, cudnn's algorithm search,
+    BN folding)."""
+    return {k: bool(cfg[k]) for k in ("compile", "cudnn_benchmark", "fold_bn") if cfg.get(k) is not None}
 
 
 def warm_up(model, cfg, batches: Sequence[tuple[torch.Tensor, list]], device: torch.device) -> None:
@@ -189,9 +190,12 @@ def warm_up(model, cfg, batches: Sequence[tuple[torch.Tensor, list]], device: to
     sync(device)
 
 
-def time_backbone(bench: Bench, precision: str, batch: int) -> dict:
-    """The grid model's backbone alone on batches already decoded, resized and on the device (no I/O)."""
+def time_backbone(bench: Bench, precision: str, batch: int, fold_bn: bool | None = None) -> dict:
+    """The grid model's backbone alone on batches already decoded, resized and on the device (no I/O);
+    `fold_bn` overrides the config's BN folding."""
     cfg = bench.cfg("grid", precision, batch=batch)
+    if fold_bn is not None:
+        cfg.fold_bn = fold_bn
     model, _ = bench.model(cfg)
     batches = bench.batches(cfg)
     warm_up(model, cfg, batches, bench.device)
@@ -456,6 +460,11 @@ def measure_precision(bench: Bench, precision: str, breakdown: bool) -> dict[str
         print("  where the grid run's time goes (same images and settings):")
         for name, r in parts.items():
             _report(name, r, indent=4)
+        if grid_cfg.get("fold_bn"):  # what folding the BNs buys: the bare backbone without it
+            parts["backbone_bn_unfolded"] = time_backbone(
+                bench, precision, int(results["backbone"]["batch"]), fold_bn=False
+            )
+            _report("backbone, BN not folded", parts["backbone_bn_unfolded"])
         out["breakdown"] = parts
     if args.flops:
         results["grid"]["gflops_per_image"] = count_gflops(bench, grid_cfg)
@@ -517,6 +526,10 @@ def ratios(record: dict[str, Any]) -> dict[str, Any]:
             if name.startswith("region@"):
                 r[f"{name}_over_grid"] = (row["seconds"] / row["images"]) / grid_t
         out[precision] = r
+    unfolded = (record.get("breakdown") or {}).get("backbone_bn_unfolded")
+    if unfolded is not None:
+        out["bn_folding_speedup"] = ratio(record["results"]["backbone"]["images_per_s"],
+                                          unfolded["images_per_s"])
     if "float32" in precisions and "bfloat16" in precisions:
         fp32, bf16 = precisions["float32"]["results"], precisions["bfloat16"]["results"]
         out["bfloat16_over_float32"] = {
@@ -548,6 +561,9 @@ def print_ratios(args: argparse.Namespace, record: dict[str, Any]) -> None:
     if breakdown:
         grid_t = results["grid"]["seconds"] / results["grid"]["images"]
         ms = {k: 1000 * row["seconds"] / row["images"] for k, row in breakdown.items()}
+        if r.get("bn_folding_speedup") is not None:
+            print(f"BN folding: bare backbone {r['bn_folding_speedup']:.2f}x the throughput without it "
+                  f"({ms['backbone_bn_unfolded']:.1f} ms per image unfolded)")
         main_ms = ms["compute"] + ms["writer"]
         print(
             f"per image: main thread compute {ms['compute']:.1f} ms + writer {ms['writer']:.1f} ms "

@@ -182,6 +182,10 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 for name, label in TRAINING_ROWS.items():
                     r = p["rows"][name]
                     rows.append(_row(part, label, precision, r["images_per_s"], r))
+        unfolded = (record.get("breakdown") or {}).get("backbone_bn_unfolded")
+        if unfolded is not None:  # timed at the first precision, beside that precision's rows
+            label = f"backbone, BN not folded ({record['args']['arch']})"
+            rows.append(_row(part, label, record["args"]["precision"][0], unfolded["images_per_s"], unfolded))
         if "loader" in record:
             loader = record["loader"]
             rate = loader["after_startup_images_per_s"] or loader["images_per_s"]

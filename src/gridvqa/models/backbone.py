@@ -21,6 +21,7 @@ import torch.utils.checkpoint
 from timm.layers import freeze_batch_norm_2d
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops import FrozenBatchNorm2d
 
 from gridvqa.errors import ConfigError
@@ -189,6 +190,38 @@ class ResNetBackbone(nn.Module):
         fmt = torch.channels_last if enable else torch.contiguous_format
         self.to(memory_format=fmt)
         self.channels_last = enable
+
+    def fold_batch_norm(self) -> int:
+        """Fold every BN (FrozenBN, or BN in eval mode) into the convolution before it, for inference.
+
+        The conv takes the BN's affine map as its weight scale and bias and the BN becomes an Identity: the
+        same features up to float rounding, without the BN's elementwise passes over every map (a quarter of
+        a ResNet-50 forward on a CPU). The state dict changes (conv biases, no BN buffers), so fold a model
+        that is used, not one that is trained or saved. GN, whose statistics are per image, stays. Returns
+        how many BNs were folded.
+        """
+        if self.training:
+            raise ValueError("fold_batch_norm: the backbone is in training mode; BN folding is for inference")
+        b = self.body
+        pairs: list[tuple[nn.Module, str, str]] = [(b, "conv1", "bn1")]
+        for name in STAGE_NAMES:
+            for block in self.stage(name):
+                pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(block, f"conv{i}")]
+                if block.downsample is not None:
+                    pairs.append((block.downsample, "0", "1"))
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        folded = 0
+        for parent, conv_name, bn_name in pairs:
+            conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+            if not isinstance(conv, nn.Conv2d) or not isinstance(bn, (FrozenBatchNorm2d, nn.BatchNorm2d)):
+                continue
+            weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                bn.eps, bn.weight, bn.bias)
+            conv.weight = nn.Parameter(weight.detach().contiguous(memory_format=fmt), requires_grad=False)
+            conv.bias = nn.Parameter(bias.detach(), requires_grad=False)
+            setattr(parent, bn_name, nn.Identity())
+            folded += 1
+        return folded
 
     def output_shape(self) -> dict[str, ShapeSpec]:
         """Channels and strides of every stage: timm's feature_info, adjusted for res5 dilation."""
