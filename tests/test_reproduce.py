@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -44,8 +45,8 @@ from gridvqa.reproduce import (
 )
 from gridvqa.reproduce.run import _blocks, _dependencies
 
-SETTINGS = ["frozen_random", "frozen", "region", "region_head", "finetune", "e2e"]
-EXPERIMENT = {s: "region" if s == "region_head" else s for s in SETTINGS}
+SETTINGS = ["frozen_random", "frozen", "region", "region_head", "finetune", "finetune_frozen", "e2e"]
+EXPERIMENT = {**{s: s for s in SETTINGS}, "region_head": "region", "finetune_frozen": "finetune"}
 
 
 def options(tmp: Path, *extra: str) -> Options:
@@ -117,7 +118,7 @@ def fake_done(opts: Options) -> None:
             write_h5(st.outputs[0], kind, sorted({q["image_id"] for q in questions}))
         elif st.kind == "train":
             acc = {"frozen_random": 36.0, "frozen": 38.0, "region": 39.0, "region_head": 39.5,
-                   "finetune": 39.0, "e2e": 40.0}
+                   "finetune": 39.0, "finetune_frozen": 38.5, "e2e": 40.0}
             value = acc[st.setting] + 0.1 * st.seed
             summary = {
                 "task_name": st.setting,
@@ -162,6 +163,8 @@ def test_default_config():
     assert opts.seeds == [1, 2, 3]
     assert [s.name for s in opts.settings] == SETTINGS
     assert opts.setting("finetune").init_from == "frozen"
+    control = opts.setting("finetune_frozen")
+    assert control.init_from == "frozen" and "model.backbone_trainable=false" in control.overrides
     assert opts.pretrain == ["pretrain_vg", "pretrain_vg_c4"]
     assert opts.extract_kinds == ["grid", "region"] and opts.extract_splits == ["train", "val"]
     # what trains: the experiment files as `make train` runs them
@@ -377,7 +380,7 @@ def test_everything_made_is_skipped_and_changes_redo_what_depends_on_them(tmp_pa
     )
     # accuracy per question type: a row per type, a column per setting, over the seeds
     assert "| question type | " + " | ".join(f"`{s}`" for s in SETTINGS) + " |" in results
-    assert "| what color is the | " + "52.00 ± 1.00 | " * 5 + "54.00 ± 1.00 |" in results
+    assert "| what color is the | " + "52.00 ± 1.00 | " * 6 + "54.00 ± 1.00 |" in results
     assert "| how many | 30.00 ± 0.00 |" in results
     assert read_block(tmp_path / "README.md").strip().startswith("`python -m gridvqa.reproduce`")
 
@@ -389,7 +392,8 @@ def test_everything_made_is_skipped_and_changes_redo_what_depends_on_them(tmp_pa
     assert [n for n, r in reasons.items() if r] == [
         "extract grid train",
         "extract grid val",
-        *[f"{kind} {s} seed {seed}" for s in ("frozen", "finetune", "e2e") for kind in ("train", "evaluate")
+        *[f"{kind} {s} seed {seed}" for s in ("frozen", "finetune", "finetune_frozen", "e2e")
+          for kind in ("train", "evaluate")
           for seed in (1, 2, 3)],
         "report",
         "readme",
@@ -425,6 +429,8 @@ def test_changed_settings_and_missing_checkpoints(tmp_path):
         "evaluate frozen seed 2",
         "train finetune seed 2",
         "evaluate finetune seed 2",
+        "train finetune_frozen seed 2",
+        "evaluate finetune_frozen seed 2",
         "report",
         "readme",
     ]
@@ -491,13 +497,14 @@ def test_jobs_run_training_side_by_side_in_dependency_order(tmp_path):
         (False, ["data"]),
         (True, ["pretrain"] * 2),
         (False, ["extract"] * 4),
-        (True, (["train"] * 3 + ["evaluate"] * 3) * 6),  # a setting's evaluations after its runs
+        (True, (["train"] * 3 + ["evaluate"] * 3) * 7),  # a setting's evaluations after its runs
         (False, ["bench", "report", "readme"]),
     ]
     deps = _dependencies(_blocks(steps, 3)[3][1])
     # finetune starts from its seed's frozen model, a run's evaluation waits for it; the rest is independent
     assert {name: d for name, d in deps.items() if d} == {
-        **{f"train finetune seed {s}": {f"train frozen seed {s}"} for s in (1, 2, 3)},
+        **{f"train {n} seed {s}": {f"train frozen seed {s}"} for n in ("finetune", "finetune_frozen")
+           for s in (1, 2, 3)},
         **{f"evaluate {n} seed {s}": {f"train {n} seed {s}"} for n in SETTINGS for s in (1, 2, 3)},
     }
     # one job: everything in plan order, a setting's seeds in one multirun as before
@@ -618,7 +625,8 @@ def test_reproduce_end_to_end(tiny_shapes, tmp_path, capfd, monkeypatch):
     for s in SETTINGS:
         assert f"| `{s}` |" in results
     assert "| `e2e` > `frozen` |" in results and "| `frozen` > `frozen_random` |" in results
-    assert "of 4 hold in this run" in results
+    assert "| `finetune` > `finetune_frozen` |" in results
+    assert "of 5 hold in this run" in results
     assert "## Accuracy per question type" in results and "| what color is the |" in results
     steps = json.loads((tmp_path / "results" / "steps.json").read_text())["steps"]
     assert set(steps) == set(everything[1:-2])
@@ -630,6 +638,14 @@ def test_reproduce_end_to_end(tiny_shapes, tmp_path, capfd, monkeypatch):
             assert opts.published(s, seed).is_file()
     hydra_cfg = yaml.safe_load((opts.run_dir("finetune", 2) / ".hydra" / "config.yaml").read_text())
     assert hydra_cfg["model"]["init_from"] == "${paths.artifacts_dir}/frozen/seed_${seed}/model.ckpt"
+    # the control trained the head only: its backbone is still the frozen model's, finetune's is not
+    def backbone(setting: str) -> dict:
+        sd = torch.load(opts.published(setting, 2), map_location="cpu", weights_only=True)["state_dict"]
+        return {k: v for k, v in sd.items() if k.startswith("backbone.")}
+
+    start, control, tuned = backbone("frozen"), backbone("finetune_frozen"), backbone("finetune")
+    assert start and all(torch.equal(start[k], control[k]) for k in start)
+    assert not all(torch.equal(start[k], tuned[k]) for k in start)
     for kind in ("grid", "region"):
         for split in ("train", "val"):
             assert extraction_gap(data / "features" / f"{kind}_{split}.h5", data, split) is None

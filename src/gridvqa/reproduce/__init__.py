@@ -6,7 +6,8 @@ Steps, in order (config: conf/reproduce.yaml; what trains: conf/experiment/repro
     pretrain    VG pre-training of the grid and the C4 detector       -> artifacts/reproduce/<name>/
     extract     grid and region features of train and val             -> DATA_ROOT/features/<kind>_<split>.h5
     train       one Hydra multirun per setting over the seeds         -> <runs_dir>/<setting>/seed_<n>/
-                (frozen_random, frozen, region, finetune, e2e; finetune starts from its seed's frozen run)
+                (conf/reproduce.yaml's settings; finetune and its control finetune_frozen start from
+                their seed's frozen run)
     bench       gridvqa.benchmarks.extraction                         -> <results>/extraction_bench.json
     report      report.md/csv/png, extraction.png/md, results.md      -> <results>/
     readme      results.md into the <!-- reproduce:begin/end --> block of `readme` (docs/results.md)
