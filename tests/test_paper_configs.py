@@ -55,6 +55,7 @@ def test_paper_file_is_mcan_as_published(name, root):
     # cfgs/base_cfgs.py OPT_BETAS / OPT_EPS; core/model/optim.py: Adam without weight decay
     assert m.lr == pytest.approx(lr)
     assert list(m.betas) == [0.9, 0.98] and m.eps == pytest.approx(1e-9) and m.weight_decay == 0.0
+    assert m.backbone_weight_decay == 0.0  # nor on a trained backbone (any decay set is AdamW's)
     # core/model/optim.py WarmupOptimizer (1/4, 2/4, 3/4 in epochs 1-3), core/exec.py adjust_lr
     # (LR_DECAY_LIST [10, 12], LR_DECAY_R 0.2), MAX_EPOCH 13, GRAD_NORM_CLIP -1
     assert m.schedule == "mcan" and m.warmup_epochs == 3 and list(m.decay_epochs) == [10, 12]

@@ -72,7 +72,7 @@ class VQAModule(pl.LightningModule):
         lr: float = 1e-4,
         backbone_lr_mult: float = 0.1,
         weight_decay: float = 0.0,
-        backbone_weight_decay: float = 1e-4,
+        backbone_weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-9,
         schedule: str = "fraction",
@@ -240,7 +240,10 @@ class VQAModule(pl.LightningModule):
                 {"params": no_decay, "lr": lr_bb, "weight_decay": 0.0},
             ]
         groups = [g for g in groups if g["params"]]
-        opt = torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        # AdamW: decay decoupled from the gradient. Adam's L2 decay is divided by the gradient's running
+        # scale, so where the answer loss's gradient is small (a pre-trained backbone) it pulls every weight
+        # to zero at about the learning rate per step. With no decay (mcan-vqa) the two are the same.
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=0.0)
         if hp.schedule == "mcan":
             warmup_epochs, decay_epochs = int(hp.warmup_epochs), tuple(int(e) for e in hp.decay_epochs)
 
