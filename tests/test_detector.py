@@ -243,6 +243,22 @@ def test_anchors_use_the_stated_stride_not_the_padded_size():
     assert torch.allclose(centers % 16, torch.zeros_like(centers), atol=1e-4)
 
 
+def test_anchors_stay_float32_for_a_bfloat16_feature_map():
+    """Under autocast the map is bfloat16; anchors in bfloat16 would be 8 px apart near x = 1000."""
+    from torchvision.models.detection.image_list import ImageList
+
+    gen = StridedAnchorGenerator([32, 64], [0.5, 1.0, 2.0])
+    gen.stride = 32
+    images = ImageList(torch.zeros(1, 3, 608, 1024), [(600, 1000)])
+    feat = torch.zeros(1, 8, 19, 32)
+    half = gen(images, [feat.bfloat16()])[0]
+    full = gen(images, [feat])[0]
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=0, atol=0)
+    centers = (half[:, 0] + half[:, 2]) / 2
+    assert torch.allclose(centers % 32, torch.zeros_like(centers), atol=1e-3)
+
+
 def test_rpn_boundary_threshold_ignores_anchors_crossing_the_border():
     rpn = build_rpn(8, anchor_sizes=[32], aspect_ratios=[1.0], boundary_thresh=0.0)
     anchors = [torch.tensor([[-16.0, -16.0, 16.0, 16.0], [8.0, 8.0, 40.0, 40.0], [40.0, 40.0, 72.0, 72.0]])]

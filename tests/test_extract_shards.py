@@ -1,5 +1,6 @@
 """Extraction in several processes (gridvqa.extraction_shards): shard part files, the automatic merge by
-shard 0 and merge=only give the file a single process writes (same ids, same arrays, same skipped list)."""
+shard 0 and merge=only give the file a single process writes (same ids, same skipped list, the same
+arrays up to float rounding)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ def _same_files(a: Path, b: Path) -> None:
     fa, fb = read_all(a), read_all(b)
     assert sorted(fa) == sorted(fb) and len(fa) >= 6
     for i in fa:
-        np.testing.assert_array_equal(fa[i]["grid"], fb[i]["grid"])
+        # A shard batches other images together than one process does, and a batch of 1 and of 2 can
+        # round differently (oneDNN picks kernels by batch size: 6e-6 apart on an AVX-512 Xeon).
+        np.testing.assert_allclose(fa[i]["grid"], fb[i]["grid"], rtol=1e-5, atol=1e-4)
         np.testing.assert_array_equal(fa[i]["image_size"], fb[i]["image_size"])
     skipped = [json.loads(skipped_path(p).read_text())["skipped"] for p in (a, b)]
     assert [[e["image_id"] for e in s] for s in skipped] == [[99], [99]]

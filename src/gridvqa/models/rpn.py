@@ -50,7 +50,9 @@ class StridedAnchorGenerator(AnchorGenerator):
         grid_sizes = [list(f.shape[-2:]) for f in feature_maps]
         device = feature_maps[0].device
         s = torch.tensor(self.stride, dtype=torch.int64, device=device)
-        self.set_cell_anchors(feature_maps[0].dtype, device)
+        # float32 whatever the map's dtype: bfloat16 anchors are 4-8 px apart at x = 600..1000, so
+        # proposals under autocast would move by pixels (torchvision uses the map's dtype).
+        self.set_cell_anchors(torch.float32, device)
         per_level = self.grid_anchors(grid_sizes, [[s, s] for _ in grid_sizes])
         anchors = torch.cat(per_level)
         return [anchors for _ in image_list.image_sizes]
