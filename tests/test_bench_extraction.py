@@ -99,7 +99,7 @@ def test_rows_per_precision_breakdown_and_ratios(bench, tmp_path, capsys):
     capability = torch.backends.cpu.get_cpu_capability()  # CPU figures depend on it: named with them
     assert record["environment"]["cpu_capability"] == capability and f", {capability})" in text
     for name in ("loader", "compute", "writer", "where the grid run's time goes", "region@50 / grid",
-                 "ratios, bfloat16", "bfloat16 / float32 throughput", "main thread compute", "BN folding:",
+                 "ratios, bfloat16", "bfloat16 / float32 throughput", "ms (its own thread)", "BN folding:",
                  "output stride 32"):  # fmt: skip
         assert name in text, name
     assert list(bench_ratios(record)) == ["region@50"]
@@ -116,6 +116,24 @@ def test_stride_16_and_no_region_rows(bench, tmp_path, capsys):
     assert record["breakdown"]["writer"]["grid_shape"] == [4, 6, 256]
     assert record["args"]["res5_dilation"] == 2 and "output stride 16" in capsys.readouterr().out
     assert "bfloat16_over_float32" not in record["ratios"]
+
+
+def test_compute_part_takes_the_grid_runs_inputs_with_device_preprocessing(bench, tmp_path, monkeypatch):
+    """With preprocess=device (a GPU's default) the compute part gets the loader's uint8 pixels and resizes
+    them where the model runs, as the grid row does: the resize is in compute, not in no row at all."""
+    seen = []
+
+    def spy(group, pipeline, device):
+        seen.append("pixels" in group)
+        return real(group, pipeline, device)
+
+    real = bench.model_input
+    monkeypatch.setattr(bench, "model_input", spy)
+    record = run(bench, tmp_path, "--images", "2", "--workers", "0", "--proposals",
+                 "--extract-override", "preprocess=device")
+    assert record["options"]["preprocess"] == "device"
+    assert record["breakdown"]["compute"]["images"] == 2
+    assert seen and all(seen), seen
 
 
 def test_no_breakdown(bench, tmp_path):

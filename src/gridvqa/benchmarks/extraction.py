@@ -13,15 +13,16 @@ each through the real extraction code (DataLoader decoding + resizing, forward, 
   region@P   bottom-up C4 region extraction with P test-time proposals (default 1000 and 300)
 once per --precision (float32, bfloat16 autocast), and, unless --no-breakdown, for the first precision,
 where the grid run's time goes (same images and settings):
-  loader     the extraction's DataLoader alone (decode + resize + collate, pinning on a GPU); its first
-             batch waits for the worker start-up, reported apart as startup_seconds
-  compute    host->device copy, grid forward and the device->host copy of each map in the file's dtype,
-             on batches decoded and resized beforehand as preprocess=workers hands them over (no loader,
-             no writer)
+  loader     the extraction's DataLoader alone (decode, with preprocess=workers resize, collate, pinning
+             on a GPU); its first batch waits for the worker start-up, reported apart as startup_seconds
+  compute    host->device copy (with preprocess=device, as on a GPU by default, the resize there), grid
+             forward and the device->host copy of the batch's maps in the file's dtype, on batches that
+             loader handed over beforehand (no loader, no writer)
   writer     the FeatureWriter alone, adding and committing as many maps of the grid file's shape and
              dtype; close (consolidation) is reported apart, as it is for grid and region
-The main thread does compute + writer while the loader's workers decode ahead, so the grid row can be
-no faster than the slower of (compute + writer) and loader.
+The grid row writes as extraction does (writer_thread: a background thread commits while the next batch
+runs) and the loader's workers decode ahead, so it can be no faster than the slowest of compute, writer
+and loader.
 Every row has peak_memory_mb on a GPU (torch.cuda.max_memory_allocated over the row; None on a CPU).
 Random weights (timing only). A random detector keeps few boxes above its thresholds, but the C4 head runs
 res5 on *every* post-NMS proposal before scoring (as bottom-up's test-time head does), so the per-region cost
@@ -65,7 +66,8 @@ from gridvqa.extraction import (
     extract,
     extraction_loader,
     folder_images,
-    grid_to_host,
+    grids_to_host,
+    model_input,
     plan_batches,
     prepare_model,
     resolve_preprocess,
@@ -147,6 +149,12 @@ class Bench:
             model, prov = build_extractor(cfg)
             prepare_model(model, self.device, bool(cfg.channels_last), **opts)
             self.models[key] = (model, prov)
+        if self.device.type != "cpu":
+            # a row's peak memory counts the weights on the device: only this row's model waits there
+            for other, (m, _) in self.models.items():
+                if other != key:
+                    m.to("cpu")
+            self.models[key][0].to(self.device)
         return self.models[key]
 
     def batches(self, cfg, n: int | None = None, pin: bool = False) -> list[tuple[torch.Tensor, list]]:
@@ -231,7 +239,8 @@ def time_extraction(bench: Bench, cfg) -> dict:
     try:
         with (
             PeakMemory(bench.device) as peak,
-            FeatureWriter(cfg.output, model.kind, prov, dtype=cfg.dtype, overwrite=True) as writer,
+            FeatureWriter(cfg.output, model.kind, prov, dtype=cfg.dtype, overwrite=True,
+                          background=bool(cfg.get("writer_thread", True))) as writer,
         ):
             s = extract(
                 bench.items, model, build_pipeline(cfg), writer,
@@ -313,18 +322,22 @@ def time_loader(bench: Bench, cfg) -> dict:
 
 
 def time_compute(bench: Bench, cfg) -> dict:
-    """What the main thread of a grid run does besides writing, on already decoded batches: the copy to
-    the device, the forward and each map's copy back in the file's dtype (extraction's own grid_to_host)."""
+    """What the main thread of a grid run does besides writing, on batches the extraction's own loader
+    handed over beforehand (pinned on a GPU): model_input (the copy to the device, and with
+    preprocess=device the resize and normalisation there), the forward and grids_to_host, as a batch
+    of extract() runs them."""
     model, _ = bench.model(cfg)
-    # pinned on a GPU, as the extraction's DataLoader hands them over
-    batches = bench.batches(cfg, pin=bench.device.type == "cuda")
-    warm_up(model, cfg, batches, bench.device)
-    with torch.inference_mode(), timed_row(bench.device, len(bench.items)) as row:
-        for x, sizes in batches:
+    items, pipeline = bench.items, build_pipeline(cfg)
+    plan = plan_batches(items, pipeline.resize, cfg.batch_size)
+    loader = extraction_loader(items, pipeline, plan, 0, bench.device, **bench.loop_options(cfg))
+    groups = [g for batch in loader for g in batch["groups"]]
+    warm_up(model, cfg, bench.batches(cfg), bench.device)
+    with torch.inference_mode(), timed_row(bench.device, sum(len(g["index"]) for g in groups)) as row:
+        for g in groups:
+            x = model_input(g, pipeline, bench.device)
             with autocast_for(str(cfg.precision), bench.device):
-                outs = model(x.to(bench.device, non_blocking=True), sizes)
-            for out in outs:
-                grid_to_host(out, cfg.dtype)
+                outs = model(x, g["sizes"])
+            grids_to_host(outs, cfg.dtype)
     return row
 
 
@@ -564,10 +577,9 @@ def print_ratios(args: argparse.Namespace, record: dict[str, Any]) -> None:
         if r.get("bn_folding_speedup") is not None:
             print(f"BN folding: bare backbone {r['bn_folding_speedup']:.2f}x the throughput without it "
                   f"({ms['backbone_bn_unfolded']:.1f} ms per image unfolded)")
-        main_ms = ms["compute"] + ms["writer"]
         print(
-            f"per image: main thread compute {ms['compute']:.1f} ms + writer {ms['writer']:.1f} ms "
-            f"= {main_ms:.1f} ms, loader {ms['loader']:.1f} ms (in its workers, alongside); "
+            f"per image: compute {ms['compute']:.1f} ms (main thread), writer {ms['writer']:.1f} ms (its own "
+            f"thread), loader {ms['loader']:.1f} ms (its workers), side by side; "
             f"grid run {1000 * grid_t:.1f} ms"
         )
 

@@ -303,13 +303,15 @@ def _same(batch):
     return batch
 
 
-def loader_figures(datamodule, n: int, repeats: int, workers: int) -> dict[str, Any]:
+def loader_figures(datamodule, n: int, repeats: int, workers: int, pin: bool = False) -> dict[str, Any]:
     """Fresh train loaders (configured workers, shuffled) over n batches, nothing else running: images/s
-    over the whole pass (worker start-up included) and after the first max(1, workers) batches."""
+    over the whole pass (worker start-up included) and after the first max(1, workers) batches. `pin`:
+    page-locked batches, as a fit on a GPU gets them (the datamodule pins only under a GPU trainer)."""
     totals, steady, firsts, images = [], [], [], 0
     skip = max(1, workers)
     for _ in range(repeats):
         loader = datamodule.train_dataloader()
+        loader.pin_memory = pin
         got, times = take(loader, n)
         sizes = [len(b["images"]) for b in got]
         images = sum(sizes)
@@ -490,7 +492,8 @@ def measure(cfg, args: argparse.Namespace, device: torch.device, work: Path, roo
             print(f"{precision}: failed: {reason}", file=sys.stderr)
             record["precisions"][precision] = {"error": reason}
     workers = int(cfg.data.num_workers)
-    record["loader"] = loader_figures(datamodule, _loader_batches(args, workers), args.repeats, workers)
+    record["loader"] = loader_figures(datamodule, _loader_batches(args, workers), args.repeats, workers,
+                                      pin=device.type == "cuda")
     record["ratios"] = ratios(record)
     print_table(record)
     if args.json is not None:
