@@ -97,6 +97,10 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         env["device_memory_mb"] = torch.cuda.get_device_properties(device).total_memory / MB
+        # "float32" rows run their convolutions in TF32 where cuDNN allows it (torch's default): the
+        # bfloat16 / float32 ratios are against that
+        env["tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32,
+                       "matmul": torch.backends.cuda.matmul.allow_tf32}
     return env
 
 
