@@ -56,9 +56,36 @@ def test_quick_replaces_the_preset_keys_it_sets(tmp_path):
     assert (args.batches, args.repeats, args.make_data) == (2, 1, True)
 
 
-def test_quick_run_rows_and_ratios(tmp_path, capsys):
+def test_quick_run_rows_and_ratios(tmp_path, capsys, monkeypatch):
+    # device syncs inside each pass of (b) and (c): only at its ends, however many batches it runs
+    syncs: dict[str, list[int]] = {"backbone": [], "head": []}
+    inside: list[str] = []
+    real_sync = training.Passes.sync
+
+    def counted_sync(self) -> None:
+        if inside:
+            syncs[inside[-1]][-1] += 1
+        real_sync(self)
+
+    def counted(kind: str):
+        real = getattr(training.Passes, kind)
+
+        def run(self) -> None:
+            inside.append(kind)
+            syncs[kind].append(0)
+            try:
+                real(self)
+            finally:
+                inside.pop()
+
+        return run
+
+    monkeypatch.setattr(training.Passes, "sync", counted_sync)
+    for kind in syncs:
+        monkeypatch.setattr(training.Passes, kind, counted(kind))
     out_json = tmp_path / "figures.json"
     assert training.main(["--quick", "--precision", "32-true", "--json", str(out_json)]) == 0
+    assert syncs == {"backbone": [2, 2], "head": [2, 2]}  # 2 batches, 2 epochs
     out = capsys.readouterr().out
     step = re.search(r"32-true: step / \(b \+ c\) images/s = ([0-9.]+)\s+goal >= 0.85\s+(PASS|FAIL)", out)
     loader = re.search(r"32-true: loader / step images/s\s+= ([0-9.]+)x\s+goal >= 2.0x\s+(PASS|FAIL)", out)
