@@ -28,8 +28,9 @@ else
     fi
 fi
 
-commit="$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo unknown)"
-if [[ "$commit" != unknown && -n "$(git -C "$repo" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
+# GPU_CHECK_COMMIT names the commit where the checkout travels without its .git folder.
+commit="${GPU_CHECK_COMMIT:-$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo unknown)}"
+if [[ -z "${GPU_CHECK_COMMIT:-}" && "$commit" != unknown && -n "$(git -C "$repo" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
     commit="$commit+uncommitted-changes"
 fi
 
