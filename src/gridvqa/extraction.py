@@ -501,16 +501,41 @@ def grid_to_host(grid: Tensor, dtype: str) -> np.ndarray:
 def grids_to_host(grids: Sequence[Tensor], dtype: str) -> list[np.ndarray]:
     """`grid_to_host` of every map of a batch, on a GPU with one device->host copy (one wait for the
     device) instead of one per map; the same bits."""
-    if dtype != "float16" or not grids or grids[0].device.type == "cpu":
-        return [grid_to_host(g, dtype) for g in grids]
-    halves = [g.detach().to(torch.float16) for g in grids]
-    flat = torch.cat([h.reshape(-1) for h in halves]).cpu()
-    overflow = torch.stack([torch.isinf(h).any() for h in halves]).cpu().tolist()
-    out, offset = [], 0
-    for g, h, bad in zip(grids, halves, overflow, strict=True):
-        out.append(_to_numpy(g) if bad else flat[offset : offset + h.numel()].view(h.shape).numpy())
-        offset += h.numel()
-    return out
+    return HostGrids(grids, dtype).wait()
+
+
+class HostGrids:
+    """A batch's grid maps on their way to the host. On a GPU the float16 cast and one copy into pinned
+    memory are queued on the device's stream and `wait` waits for them alone, so the next batch's forward
+    can be queued before this batch is handed to the writer (the device is not left idle meanwhile)."""
+
+    def __init__(self, grids: Sequence[Tensor], dtype: str) -> None:
+        self._ready: list[np.ndarray] | None = None
+        if dtype != "float16" or not grids or grids[0].device.type == "cpu":
+            self._ready = [grid_to_host(g, dtype) for g in grids]
+            return
+        self._grids = list(grids)
+        halves = [g.detach().to(torch.float16) for g in grids]
+        self._shapes = [h.shape for h in halves]
+        flat = torch.cat([h.reshape(-1) for h in halves])
+        self._flat = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        self._flat.copy_(flat, non_blocking=True)
+        overflow = torch.stack([torch.isinf(h).any() for h in halves])
+        self._overflow = torch.empty(overflow.shape, dtype=torch.bool, pin_memory=True)
+        self._overflow.copy_(overflow, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def wait(self) -> list[np.ndarray]:
+        if self._ready is None:
+            self._event.synchronize()
+            out, offset = [], 0
+            for g, shape, bad in zip(self._grids, self._shapes, self._overflow.tolist(), strict=True):
+                n = int(np.prod(shape))
+                out.append(_to_numpy(g) if bad else self._flat[offset : offset + n].view(shape).numpy())
+                offset += n
+            self._ready, self._grids = out, []
+        return self._ready
 
 
 def _write_region(
@@ -630,14 +655,14 @@ def extract(
                  disable=not progress, dynamic_ncols=True) as bar,
             torch.inference_mode(),
         ):
-            for batch in loader:
-                new = _run_batch(batch, step)
+            for batch in _and_then_none(loader):
+                new, failed = _run_batch(batch, step)
                 summary.done_now += new
                 since_commit += new
                 if since_commit >= commit_images:
                     writer.flush(wait=False)  # a background writer commits while the next batch runs
                     since_commit = 0
-                bar.update(new + len(batch["failed"]))
+                bar.update(new + failed)
                 if summary.skipped:
                     bar.set_postfix(skipped=len(summary.skipped))
                 if on_batch is not None:
@@ -648,9 +673,15 @@ def extract(
     return summary
 
 
+def _and_then_none(loader: Any) -> Iterator[dict[str, Any] | None]:
+    # one more step after the last batch: it hands that batch over
+    yield from loader
+    yield None
+
+
 @dataclass
 class _BatchStep:
-    """What every batch of one `extract` call needs."""
+    """What every batch of one `extract` call needs, and the batch queued on the device before this one."""
 
     items: Sequence[ImageItem]
     model: nn.Module
@@ -659,10 +690,34 @@ class _BatchStep:
     device: torch.device
     autocast: Any
     summary: ExtractionSummary
+    pending: tuple[dict[str, Any], list[tuple[Mapping[str, Any], Any]]] | None = None
 
 
-def _run_batch(batch: dict[str, Any], step: _BatchStep) -> int:
-    """Forward one batch and hand its images to the writer; returns how many were new."""
+def _run_batch(batch: dict[str, Any] | None, step: _BatchStep) -> tuple[int, int]:
+    """Queue one batch's forward on the device, then hand the batch before it to the writer (its maps
+    reach the host while this one computes); None hands over the last one. Returns (new images, failed
+    images) of the batch handed over."""
+    launched = (batch, _launch(batch, step)) if batch is not None else None
+    handed = _hand_over(*step.pending, step) if step.pending is not None else (0, 0)
+    step.pending = launched
+    return handed
+
+
+def _launch(batch: dict[str, Any], step: _BatchStep) -> list[tuple[Mapping[str, Any], Any]]:
+    launched = []
+    for group in batch["groups"]:
+        x = model_input(group, step.pipeline, step.device)
+        with step.autocast:
+            outs = step.model(x, group["sizes"])
+        if isinstance(step.model, GridExtractor):
+            outs = HostGrids(outs, step.writer.dtype)
+        launched.append((group, outs))
+    return launched
+
+
+def _hand_over(
+    batch: dict[str, Any], launched: list[tuple[Mapping[str, Any], Any]], step: _BatchStep
+) -> tuple[int, int]:
     items, writer, summary = step.items, step.writer, step.summary
     done = writer.done_ids
     for i, reason in batch["failed"]:
@@ -671,12 +726,9 @@ def _run_batch(batch: dict[str, Any], step: _BatchStep) -> int:
             log.warning("skipping image %d: %s: %s", it.image_id, it.path, reason)
             summary.skipped.append((str(it.path), reason))
     new = 0
-    for group in batch["groups"]:
-        x = model_input(group, step.pipeline, step.device)
-        with step.autocast:
-            outs = step.model(x, group["sizes"])
-        if isinstance(step.model, GridExtractor):
-            outs = grids_to_host(outs, writer.dtype)
+    for group, outs in launched:
+        if isinstance(outs, HostGrids):
+            outs = outs.wait()
         for i, out, size, scale in zip(group["index"], outs, group["orig_size"], group["scale"], strict=True):
             it = items[i]
             if it.image_id in done:
@@ -691,7 +743,7 @@ def _run_batch(batch: dict[str, Any], step: _BatchStep) -> int:
             else:
                 _write_region(writer, it.image_id, out, size, scale)
             new += 1
-    return new
+    return new, len(batch["failed"])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import contextlib
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,6 +213,17 @@ def time_backbone(bench: Bench, precision: str, batch: int, fold_bn: bool | None
                 model.backbone(x)
     row["batch"] = batch
     return row
+
+
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """float32 convolutions and matmuls without TF32 tensor cores, restored on exit."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def backbone_sweep(bench: Bench, precision: str) -> dict:
@@ -478,6 +489,12 @@ def measure_precision(bench: Bench, precision: str, breakdown: bool) -> dict[str
                 bench, precision, int(results["backbone"]["batch"]), fold_bn=False
             )
             _report("backbone, BN not folded", parts["backbone_bn_unfolded"])
+        if bench.device.type == "cuda" and precision == "float32":
+            # float32 rows run their convolutions on TF32 tensor cores (torch's default): bfloat16 can gain
+            # at most what TF32 leaves; this row is float32 arithmetic proper, for comparison
+            with no_tf32():
+                parts["backbone_no_tf32"] = time_backbone(bench, precision, int(results["backbone"]["batch"]))
+            _report("backbone, TF32 off", parts["backbone_no_tf32"])
         out["breakdown"] = parts
     if args.flops:
         results["grid"]["gflops_per_image"] = count_gflops(bench, grid_cfg)
@@ -550,6 +567,10 @@ def ratios(record: dict[str, Any]) -> dict[str, Any]:
             for name in fp32
             if name in bf16
         }
+        strict = (record.get("breakdown") or {}).get("backbone_no_tf32")
+        if strict is not None:
+            out["bfloat16_over_float32_no_tf32"] = ratio(bf16["backbone"]["images_per_s"],
+                                                         strict["images_per_s"])
     return out
 
 
@@ -566,6 +587,9 @@ def print_ratios(args: argparse.Namespace, record: dict[str, Any]) -> None:
     if "bfloat16_over_float32" in r:
         text = ", ".join(f"{k} {v:.2f}x" for k, v in r["bfloat16_over_float32"].items() if v is not None)
         print(f"bfloat16 / float32 throughput: {text}")
+        if r.get("bfloat16_over_float32_no_tf32") is not None:
+            strict = r["bfloat16_over_float32_no_tf32"]
+            print(f"bfloat16 / float32 with TF32 off, bare backbone: {strict:.2f}x")
     if args.flops:
         g = results["grid"]["gflops_per_image"]
         region = {n: results[f"region@{n}"]["gflops_per_image"] for n in args.proposals}

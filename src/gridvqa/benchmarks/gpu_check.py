@@ -141,9 +141,12 @@ def extraction_goals(label: str, record: dict[str, Any], region: bool) -> list[d
                     name = key.removesuffix("_over_grid")
                     out.append(goal(f"{name} / grid time per image, {arch}, {precision}", v, REGION_GOAL))
     bf16 = ratios.get("bfloat16_over_float32", {})
+    strict = ratios.get("bfloat16_over_float32_no_tf32")
     for row in ("backbone", "grid"):
         if row in bf16:
-            out.append(goal(f"bfloat16 / float32 {row} images/s, {arch}", bf16[row], BF16_GOAL))
+            with_strict = row == "backbone" and strict is not None
+            note = f"float32 with TF32 off: {_num(strict)}" if with_strict else ""
+            out.append(goal(f"bfloat16 / float32 {row} images/s, {arch}", bf16[row], BF16_GOAL, note))
     return out
 
 
@@ -186,6 +189,10 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         if unfolded is not None:  # timed at the first precision, beside that precision's rows
             label = f"backbone, BN not folded ({record['args']['arch']})"
             rows.append(_row(part, label, record["args"]["precision"][0], unfolded["images_per_s"], unfolded))
+        strict = (record.get("breakdown") or {}).get("backbone_no_tf32")
+        if strict is not None:
+            label = f"backbone, TF32 off ({record['args']['arch']})"
+            rows.append(_row(part, label, "float32", strict["images_per_s"], strict))
         if "loader" in record:
             loader = record["loader"]
             rate = loader["after_startup_images_per_s"] or loader["images_per_s"]

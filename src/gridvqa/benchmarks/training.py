@@ -162,12 +162,9 @@ class Passes:
     def __init__(self, module, batches: list[dict], device: torch.device, precision: str) -> None:
         self.module, self.batches, self.device = module, batches, device
         self.autocast = autocast_for(precision, device)
-        channels_last = bool(module.hparams.backbone.get("channels_last"))
-        # Inputs each pass starts from, made once and outside the timers.
-        self.images = [
-            b["images"].contiguous(memory_format=torch.channels_last) if channels_last else b["images"]
-            for b in batches
-        ]
+        # Inputs each pass starts from, made once and outside the timers (normalised, channels_last).
+        with torch.no_grad():
+            self.images = [module.pixels(b) for b in batches]
         self.feature = module.hparams.backbone_feature
         self.times: dict[str, list[float]] = {k: [] for k in self.KINDS}
         self.peak_mb: dict[str, float | None] = dict.fromkeys(self.KINDS)

@@ -638,6 +638,8 @@ class ImagePipeline:
     Two ways to run the same conversion: `__call__` on one image (in loader workers), or `decode` there
     and `prepare_batch` on a padded uint8 batch on the model's device (extraction on a GPU); both resize
     with the same 8-bit arithmetic (`resize_pil` / `resize_uint8`) and normalise with the same float ops.
+    With `normalize=False`, `__call__` stops before normalising and returns uint8 (a quarter of the bytes
+    to move from the workers to the GPU); `normalize_batch` finishes the conversion where the batch is.
     """
 
     def __init__(
@@ -647,17 +649,19 @@ class ImagePipeline:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         hflip_prob: float = 0.0,
+        normalize: bool = True,
     ) -> None:
         if not 0.0 <= float(hflip_prob) <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
         self.resize = resize
         self.normalization = Normalization.make(norm, mean, std)
         self.hflip_prob = float(hflip_prob)
+        self.normalize = bool(normalize)
 
     @classmethod
-    def from_spec(cls, spec: ImageSpec) -> ImagePipeline:
+    def from_spec(cls, spec: ImageSpec, normalize: bool = True) -> ImagePipeline:
         try:
-            return cls(spec.resize(), spec.norm or "detectron2", spec.mean, spec.std, spec.hflip)
+            return cls(spec.resize(), spec.norm or "detectron2", spec.mean, spec.std, spec.hflip, normalize)
         except ValueError as e:
             raise ConfigError(f"image pipeline: {e}") from None
 
@@ -691,7 +695,7 @@ class ImagePipeline:
         if boxes is not None:
             boxes = _transform_boxes(boxes, sx, sy, nw if flipped else None)
         info = {"orig_size": (h, w), "size": (nh, nw), "scale": (sy, sx), "flipped": bool(flipped)}
-        return self.normalization(x), boxes, info
+        return (self.normalization(x) if self.normalize else x), boxes, info
 
     def prepare_batch(
         self,
@@ -760,6 +764,16 @@ def collate_images(
         batch[i, :, :h, :w] = t
         mask[i, :h, :w] = True
     return batch, mask, sizes
+
+
+def normalize_batch(
+    images: torch.Tensor, mask: torch.Tensor, norm: Normalization | Mapping[str, Any]
+) -> torch.Tensor:
+    """A padded uint8 batch from `collate_images` -> the float batch it makes of normalised images: the
+    same float ops per pixel, then the padding set to 0 (the mean colour), as normalising before padding."""
+    if not isinstance(norm, Normalization):
+        norm = Normalization.make(norm["kind"], norm["mean"], norm["std"])
+    return torch.where(mask[:, None], norm(images), 0.0)
 
 
 def feature_mask(mask: torch.Tensor, feat_hw: Sequence[int], stride: int | None = None) -> torch.Tensor:

@@ -97,7 +97,11 @@ class VQADataset(Dataset):
                 self.skipped.add(path, reason)
                 log.warning("skipping question %d: %s", e.question_id, reason)
                 return None
-            return {"image": tensor, "orig_size": info["orig_size"]}
+            if self.pipeline.normalize:
+                return {"image": tensor, "orig_size": info["orig_size"]}
+            # uint8: the model normalises on its device (VQAModule.pixels) with this
+            return {"image": tensor, "orig_size": info["orig_size"],
+                    "pixel_norm": self.pipeline.normalization.to_dict()}
         try:
             item = self.features.get(e.image_id)
         except KeyError:
@@ -169,6 +173,8 @@ def collate_vqa(batch: list[dict | None], size_divisibility: int = 32) -> dict |
         out["images"], out["pixel_mask"], out["image_sizes"] = collate_images(
             [b["image"] for b in items], size_divisibility=size_divisibility
         )
+        if "pixel_norm" in items[0]:
+            out["pixel_norm"] = items[0]["pixel_norm"]
     elif "grid" in items[0]:
         hs = [b["grid"].shape[0] for b in items]
         ws = [b["grid"].shape[1] for b in items]
@@ -236,6 +242,8 @@ class VQADataModule(pl.LightningDataModule):
     Loaders shard by rank themselves (`ShardSampler`): the training order depends on (seed, epoch)
     only and is restored mid-epoch on resume; under DDP every validation/test question is scored by
     exactly one rank. `seed` defaults to the one `seed_everything` set.
+    `normalize_on_device`: the workers send resized uint8 pixels and the model normalises them on its
+    device (the same values, a quarter of the bytes through the workers' queues and the host-to-GPU copy).
     """
 
     def __init__(
@@ -262,6 +270,7 @@ class VQADataModule(pl.LightningDataModule):
         limit_val: int | None = None,
         group_by_image: bool = True,
         seed: int | None = None,
+        normalize_on_device: bool = False,
     ) -> None:
         super().__init__()
         image_size, features, train_split = to_plain(image_size), to_plain(features), to_plain(train_split)
@@ -303,7 +312,7 @@ class VQADataModule(pl.LightningDataModule):
         features = None
         pipeline = None
         if hp.source == "pixels":
-            pipeline = ImagePipeline.from_spec(self.image_spec)
+            pipeline = ImagePipeline.from_spec(self.image_spec, normalize=not hp.normalize_on_device)
         else:
             features = split_features(hp.features or {}, names)
         ds = VQADataset(

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from gridvqa.config import to_plain
-from gridvqa.data.images import feature_mask, resolve_image_spec
+from gridvqa.data.images import feature_mask, normalize_batch, resolve_image_spec
 from gridvqa.errors import ConfigError, DataError
 from gridvqa.lit.schedules import VQA_SCHEDULES, fraction_factor, mcan_epoch_factor
 from gridvqa.metrics.vqa_metric import VQAAccuracy
@@ -140,13 +140,21 @@ class VQAModule(pl.LightningModule):
             self.load_vqa_weights(init_from)
 
     # -- model ------------------------------------------------------------------------------------
+    def pixels(self, batch: dict) -> torch.Tensor:
+        """The batch's images as the backbone takes them; a uint8 batch (data.normalize_on_device) is
+        normalised here, on the batch's device, with the normalisation the loader recorded in it."""
+        images = batch["images"]
+        if images.dtype == torch.uint8:
+            images = normalize_batch(images, batch["pixel_mask"], batch["pixel_norm"])
+        if self.hparams.backbone.get("channels_last"):
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
     def visual_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(features, mask, normalised boxes or None) for the head, from whichever source the batch has."""
         src = self.hparams.source
         if src == "pixels":
-            images = batch["images"]
-            if self.hparams.backbone.get("channels_last"):
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = self.pixels(batch)
             trainable = self.hparams.backbone_trainable and self.training
             with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
                 feats = self.backbone(images)[self.hparams.backbone_feature]

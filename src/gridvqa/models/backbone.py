@@ -60,9 +60,20 @@ class ShapeSpec:
     stride: int
 
 
+class FrozenBN(FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d in the input's dtype (as detectron2's): torchvision's keeps float32
+    buffers, so under bf16 autocast every BN turned the activations back into float32 and training ran at
+    float32's memory traffic."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + bias.to(x.dtype).reshape(1, -1, 1, 1)
+
+
 def _frozen_bn(num_features: int, device: Any = None, dtype: Any = None) -> nn.Module:
     # timm passes device/dtype to norm layers; torchvision's FrozenBatchNorm2d takes neither.
-    return FrozenBatchNorm2d(num_features, eps=1e-5).to(device=device, dtype=dtype)
+    return FrozenBN(num_features, eps=1e-5).to(device=device, dtype=dtype)
 
 
 def _group_norm(num_channels: int, device: Any = None, dtype: Any = None) -> nn.Module:

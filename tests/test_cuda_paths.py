@@ -1,0 +1,39 @@
+"""The code paths that exist only on a GPU: run where CUDA is (scripts/gpu_check.sh's machine), skipped
+elsewhere. Each compares with the CPU path it stands in for."""
+
+import numpy as np
+import pytest
+import torch
+
+from gridvqa.data.images import ImagePipeline, ResizeShortest, collate_images, normalize_batch
+from gridvqa.extraction import HostGrids, grid_to_host
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_host_grids_from_the_gpu_are_the_host_casts_bits():
+    g = torch.Generator().manual_seed(0)
+    grids = [torch.randn(3, 5, 16, generator=g) * 100, torch.randn(2, 7, 16, generator=g)]
+    grids.append(torch.full((1, 2, 16), 1e6))  # overflows float16: goes over as float32
+    pending = HostGrids([x.cuda() for x in grids], "float16")
+    later = torch.randn(512, 512, device="cuda") @ torch.randn(512, 512, device="cuda")  # queued after
+    got = pending.wait()
+    for x, y in zip(grids, got, strict=True):
+        want = grid_to_host(x, "float16")
+        assert y.dtype == want.dtype
+        np.testing.assert_array_equal(y, want)
+    assert later.shape == (512, 512)
+
+
+def test_uint8_batches_normalised_on_the_gpu_equal_the_workers_floats():
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(1)
+    images = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+              for h, w in ((50, 70), (64, 40))]
+    as_float = ImagePipeline(ResizeShortest(40, 80))
+    as_uint8 = ImagePipeline(ResizeShortest(40, 80), normalize=False)
+    want = collate_images([as_float(im)[0] for im in images])[0]
+    pixels, mask, _ = collate_images([as_uint8(im)[0] for im in images])
+    got = normalize_batch(pixels.cuda(), mask.cuda(), as_uint8.normalization)
+    assert torch.equal(got.cpu(), want)
