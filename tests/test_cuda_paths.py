@@ -37,3 +37,25 @@ def test_uint8_batches_normalised_on_the_gpu_equal_the_workers_floats():
     pixels, mask, _ = collate_images([as_uint8(im)[0] for im in images])
     got = normalize_batch(pixels.cuda(), mask.cuda(), as_uint8.normalization)
     assert torch.equal(got.cpu(), want)
+
+
+def test_the_device_side_of_an_extraction_batch_never_waits_for_the_gpu():
+    # Resize, normalisation and the start of the copy back are queued without a host sync, so a batch's
+    # preparation does not wait for the forward of the batch before it (sizes seen once are cached).
+    from gridvqa.data.images import ResizeFixed
+
+    pipeline = ImagePipeline(ResizeFixed(48, 64))
+    pixels = torch.randint(0, 256, (2, 3, 40, 50), dtype=torch.uint8).pin_memory()
+    sizes, orig = [(48, 64), (48, 64)], [(40, 50), (30, 50)]
+
+    def batch() -> None:
+        x = pipeline.prepare_batch(pixels.to("cuda", non_blocking=True), orig, sizes)
+        HostGrids([x[0].permute(1, 2, 0), x[1].permute(1, 2, 0)], "float16")
+
+    batch()  # the taps and constants reach the device once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

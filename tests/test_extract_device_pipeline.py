@@ -64,14 +64,19 @@ def test_one_axis_resizes_are_pillows_own_and_two_axes_within_one_level():
 
 
 @pytest.mark.parametrize("resize", [ResizeShortest(64, 100), ResizeFixed(48, 80)])
-def test_prepare_batch_equals_the_collated_worker_outputs(resize):
+@pytest.mark.parametrize(
+    "shapes",
+    [((50, 70), (47, 71), (60, 52)), ((50, 70), (50, 70), (47, 71), (50, 70), (50, 70), (50, 70))],
+    ids=["all-different", "runs-of-one-size"],
+)
+def test_prepare_batch_equals_the_collated_worker_outputs(resize, shapes):
     rng = np.random.default_rng(2)
     pipe = ImagePipeline(resize, "detectron2", std=(57.375, 57.120, 58.395))
-    images = [Image.fromarray(_random_image(rng, h, w)) for h, w in ((50, 70), (47, 71), (60, 52))]
+    images = [Image.fromarray(_random_image(rng, h, w)) for h, w in shapes]
     worker = [pipe(im) for im in images]
     want, _, sizes = collate_images([x for x, _, _ in worker])
     pixels = [pipe.decode(im) for im in images]
-    batch = torch.zeros((3, 3, 60, 71), dtype=torch.uint8)
+    batch = torch.zeros((len(shapes), 3, 60, 71), dtype=torch.uint8)
     for i, p in enumerate(pixels):
         batch[i, :, : p.shape[1], : p.shape[2]] = p
     orig = [tuple(p.shape[1:]) for p in pixels]

@@ -67,3 +67,15 @@ def test_vqa_batches_of_uint8_pixels_give_the_same_answers(tiny_shapes):
     assert torch.equal(model.pixels(compact), model.pixels(plain))
     with torch.no_grad():
         assert torch.equal(model(compact), model(plain))
+
+
+@pytest.mark.parametrize("norm", ["detectron2", "imagenet"])
+def test_normalisation_is_torchvisions_bit_for_bit(norm):
+    import torchvision.transforms.v2.functional as TF
+
+    from gridvqa.data.images import Normalization
+
+    n = Normalization.make(norm, std=(57.375, 57.12, 58.395) if norm == "detectron2" else None)
+    x = torch.randint(0, 256, (2, 3, 9, 11), dtype=torch.uint8)
+    ref = x.float().flip(-3) if n.bgr else x.float() / 255.0
+    assert torch.equal(n(x), TF.normalize(ref, list(n.mean), list(n.std)))

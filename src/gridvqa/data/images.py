@@ -321,16 +321,28 @@ def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]
     return np.minimum(index, in_size - 1), weights
 
 
+@functools.lru_cache(maxsize=1024)
+def _device_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Copied to a GPU once per size pair: each copy of a pageable host array waits for everything queued
+    # on the device, which would stall the batch before this one (see also `_device_constants`).
+    index, weights = _bilinear_taps(in_size, out_size)
+    return torch.from_numpy(index).to(device), torch.from_numpy(weights).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """float32 [C, 1, 1] on `device`, made once per device (a host-to-GPU copy of a Python list syncs)."""
+    return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1).to(device)
+
+
 def _resample(x: torch.Tensor, dim: int, out_size: int) -> torch.Tensor:
     """int32 [..., n, ...] -> int32 with `out_size` along `dim`, values 0..255, in Pillow's fixed-point
     arithmetic (the sums of 8-bit values times 22-bit weights fit int32, as in Pillow's C)."""
-    index, weights = _bilinear_taps(int(x.shape[dim]), out_size)
-    idx = torch.from_numpy(index).to(x.device, non_blocking=True)
-    w = torch.from_numpy(weights).to(x.device, non_blocking=True)
+    idx, w = _device_taps(int(x.shape[dim]), out_size, x.device)
     shape = [1] * x.ndim
     shape[dim] = out_size
     acc = torch.full((), 1 << (_PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
-    for k in range(index.shape[1]):  # a handful of taps: one gather and multiply-add each
+    for k in range(idx.shape[1]):  # a handful of taps: one gather and multiply-add each
         acc = acc + x.index_select(dim, idx[:, k]) * w[:, k].view(shape)
     return (acc >> _PRECISION_BITS).clamp_(0, 255)
 
@@ -401,7 +413,8 @@ class Normalization:
             x = x.flip(-3)
         if self.range_max != 255.0:
             x = x / 255.0
-        return TF.normalize(x, list(self.mean), list(self.std))
+        # torchvision's normalize, with the constants kept on the device instead of copied every call
+        return x.sub(_device_constants(self.mean, x.device)).div_(_device_constants(self.std, x.device))
 
     def to_dict(self) -> dict[str, Any]:
         """What weights files record (safetensors metadata `pixel_norm`, see gridvqa.models.weights)."""
@@ -715,8 +728,15 @@ class ImagePipeline:
             d = int(size_divisibility)
             hmax, wmax = -(-hmax // d) * d, -(-wmax // d) * d
         out = torch.zeros((len(sizes), 3, hmax, wmax), dtype=torch.float32, device=pixels.device)
-        for i, ((h0, w0), (h, w)) in enumerate(zip(orig_sizes, sizes, strict=True)):
-            out[i, :, :h, :w] = self.normalization(resize_uint8(pixels[i, :, :h0, :w0], (h, w)))
+        shapes = [(tuple(o), tuple(s)) for o, s in zip(orig_sizes, sizes, strict=True)]
+        i = 0
+        while i < len(shapes):  # consecutive images of one size in one go (one set of kernels, not one each)
+            j = i + 1
+            while j < len(shapes) and shapes[j] == shapes[i]:
+                j += 1
+            (h0, w0), (h, w) = shapes[i]
+            out[i:j, :, :h, :w] = self.normalization(resize_uint8(pixels[i:j, :, :h0, :w0], (h, w)))
+            i = j
         return out
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
