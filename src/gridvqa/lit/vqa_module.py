@@ -81,9 +81,12 @@ class VQAModule(pl.LightningModule):
         warmup_epochs: int = 3,
         decay_epochs: Sequence[int] = (10, 12),
         gamma: float = 0.2,
+        compile_head: bool = False,
     ) -> None:
         """`schedule="mcan"`: mcan-vqa's per-epoch schedule (`warmup_epochs`, `decay_epochs`, in epochs);
-        `"fraction"`: the same shape over fractions of the run (`warmup`, `milestones`)."""
+        `"fraction"`: the same shape over fractions of the run (`warmup`, `milestones`).
+        `compile_head`: torch.compile the MCAN head in place (at its first call; its state_dict keys stay):
+        a small head at batch 64 spends its time launching thousands of small kernels."""
         super().__init__()
         if source not in SOURCES:
             raise ConfigError(f"model.source={source!r}: expected one of {SOURCES}")
@@ -132,6 +135,8 @@ class VQAModule(pl.LightningModule):
             vocab=self.tokenizer.get_vocab(),  # word -> embedding row, for head.glove_path
             pad_id=self.tokenizer.pad_token_id or 0,
         )
+        if compile_head:
+            self.head.compile()
         self.val_acc = VQAAccuracy(per_answer_type=True)
         from torchmetrics.aggregation import SumMetric
 
