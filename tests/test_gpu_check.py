@@ -140,3 +140,9 @@ def test_quick_cpu_run_writes_every_row_and_ratio(tmp_path):
     assert ("training_r50_448", "training step (Lightning fit)", "32-true") in rows
     assert all(r["peak_memory_mb"] is None for r in summary["rows"])  # a CPU: no device memory
     assert md.count("\n| extraction_x152 |") == 7 and "| part | row | precision | images/s | peak MiB |" in md
+    # the profiled grid runs: where the host's time went (no device busy time on a CPU)
+    assert set(summary["profiles"]) == {"extraction_x152", "extraction_r50"}
+    for part, p in summary["profiles"].items():
+        assert p["wall_seconds"] > 0 and p["host_top_ms"] and "device_busy_fraction" not in p
+        assert f"- {part}: " in md
+    assert any("convolution" in name for name, _, _ in summary["profiles"]["extraction_r50"]["host_top_ms"])

@@ -36,7 +36,7 @@ import contextlib
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,6 +280,51 @@ def time_extraction(bench: Bench, cfg) -> dict:
     return out
 
 
+def profile_extraction(bench: Bench, cfg, top: int = 12) -> dict[str, Any]:
+    """One more grid run under torch.profiler (slower than the timed one: not a timing row): how much of
+    the run the device was busy, and where the host and device time went (self time per op / kernel)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if bench.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        row = time_extraction(bench, cfg)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+
+    def device_us(e: Any) -> float:  # the attribute's name changed across torch versions
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
+
+    def table(key: Callable[[Any], float]) -> list[list[Any]]:
+        ranked = sorted((e for e in events if key(e) > 0), key=key, reverse=True)[:top]
+        return [[e.key, round(key(e) / 1000, 2), int(e.count)] for e in ranked]
+
+    # kernels, copies and memsets are the device's own events (ops on the host carry no self device time)
+    busy = sum(device_us(e) for e in events if e.device_type == DeviceType.CUDA)
+    out = {
+        "images": row["images"],
+        "wall_seconds": wall,
+        "host_top_ms": table(lambda e: float(e.self_cpu_time_total)),
+    }
+    if bench.device.type == "cuda":
+        out["device_busy_seconds"] = busy / 1e6
+        out["device_busy_fraction"] = busy / 1e6 / wall if wall > 0 else None
+        out["device_top_ms"] = table(device_us)
+    return out
+
+
+def _print_profile(p: dict[str, Any]) -> None:
+    busy = p.get("device_busy_fraction")
+    busy_text = f", device busy {busy:.0%} of it" if busy is not None else ""
+    print(f"  profiled grid run (not a timing row): {p['wall_seconds']:.2f} s{busy_text}")
+    for title, key in (("host, self time", "host_top_ms"), ("device kernels", "device_top_ms")):
+        if key in p:
+            print(f"    {title}: " + "; ".join(f"{n} {ms:.1f} ms x{c}" for n, ms, c in p[key][:6]))
+
+
 def _after_startup(done_at: list[tuple[float, int]], workers: int) -> dict:
     """The rate over the batches after the first max(1, workers): each worker's first batch waits for its
     start-up, and they arrive together; after them the batches come at the pipeline's own pace."""
@@ -444,6 +489,11 @@ def parser() -> argparse.ArgumentParser:
         default=True,
         help="also time the grid pipeline's parts: loader, compute, writer (default: on)",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more grid run under torch.profiler at the first precision: device busy time, top ops",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     return p
 
@@ -496,6 +546,9 @@ def measure_precision(bench: Bench, precision: str, breakdown: bool) -> dict[str
                 parts["backbone_no_tf32"] = time_backbone(bench, precision, int(results["backbone"]["batch"]))
             _report("backbone, TF32 off", parts["backbone_no_tf32"])
         out["breakdown"] = parts
+    if args.profile and breakdown:
+        out["profile"] = profile_extraction(bench, grid_cfg)
+        _print_profile(out["profile"])
     if args.flops:
         results["grid"]["gflops_per_image"] = count_gflops(bench, grid_cfg)
         for n in args.proposals:
@@ -535,6 +588,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return {
         "results": first["results"],
         "breakdown": first.get("breakdown", {}),
+        "profile": first.get("profile"),
         "precisions": precisions,
         "options": options,
     }
@@ -620,6 +674,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if measured["breakdown"]:  # apart from "results": reports read every row there as an extraction kind
         record["breakdown"] = measured["breakdown"]
+    if measured["profile"]:
+        record["profile"] = measured["profile"]
     record["precisions"] = measured["precisions"]
     record["ratios"] = ratios(record)
     print_ratios(args, record)

@@ -50,11 +50,11 @@ TRAINING_ROWS = {
 
 FULL_EXTRACTION = [
     "--size", "600", "1000", "--images", "128", "--batch", "8", "--backbone-batches", "1", "4", "8", "16",
-    "--workers", "8", "--precision", "float32", "bfloat16",
+    "--workers", "8", "--precision", "float32", "bfloat16", "--profile",
 ]  # fmt: skip
 QUICK_EXTRACTION = [
     "--arch", "R-tiny", "--size", "64", "96", "--images", "3", "--batch", "2", "--backbone-batches", "1", "2",
-    "--workers", "1", "--precision", "float32", "bfloat16",
+    "--workers", "1", "--precision", "float32", "bfloat16", "--profile",
 ]  # fmt: skip
 FULL_TRAINING = ["--make-data", "--batches", "8", "--repeats", "3", "--precision", "32-true", "bf16-mixed"]
 QUICK_TRAINING = ["--quick", "--precision", "32-true", "bf16-mixed"]
@@ -246,6 +246,15 @@ def markdown(summary: dict[str, Any]) -> str:
         rate = f"{r['images_per_s']:.2f}" if r["images_per_s"] else "–"
         mem = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "–"
         lines.append(f"| {r['part']} | {r['row']} | {r['precision']} | {rate} | {mem} |")
+    profiles = summary.get("profiles") or {}
+    if profiles:
+        lines += ["", "## Where a grid run's time went (profiled, first precision)", ""]
+        for part, p in profiles.items():
+            busy = p.get("device_busy_fraction")
+            busy_text = f"device busy {busy:.0%} of {p['wall_seconds']:.2f} s" if busy is not None else (
+                f"{p['wall_seconds']:.2f} s")
+            host = "; ".join(f"{n} {ms:.0f} ms x{c}" for n, ms, c in p["host_top_ms"][:5])
+            lines.append(f"- {part}: {busy_text}; host self time: {_short(host, 400)}")
     errors = [(k, v["error"]) for k, v in summary["parts"].items() if "error" in v]
     if errors:
         lines += ["", "## Failed parts", ""] + [f"- {k}: {e}" for k, e in errors]
@@ -283,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wall_seconds": time.perf_counter() - start,
         "goals": goals,
         "rows": summary_rows(results),
+        "profiles": {k: v["profile"] for k, v in results.items() if v.get("profile")},
         "parts": {
             k: {"error": v["error"]} if "error" in v else {"json": f"{k}.json"} for k, v in results.items()
         },
