@@ -44,6 +44,18 @@ def _extraction_record(grid: float, after: float | None, region: float | None, b
     }
 
 
+def test_full_sizes_add_the_compiled_head_beside_the_goals(tmp_path):
+    import argparse
+
+    full = gpu_check.parts(argparse.Namespace(quick=False, device="cuda"), tmp_path)
+    assert [name for name, _, _ in full][-1] == "training_compiled_head"
+    argv = {name: a for name, _, a in full}
+    assert "model.compile_head=true" in argv["training_compiled_head"]
+    assert "--profile" in argv["extraction_r50"]
+    quick = gpu_check.parts(argparse.Namespace(quick=True, device="cpu"), tmp_path)
+    assert [name for name, _, _ in quick] == ["extraction_x152", "extraction_r50", "training_r50_448"]
+
+
 def test_extraction_goals_judge_each_ratio_against_its_target():
     goals = gpu_check.extraction_goals("X-152", _extraction_record(0.5, 0.9, 12.0, 1.2), region=True)
     by_name = {g["goal"]: g for g in goals}

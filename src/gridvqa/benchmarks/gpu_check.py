@@ -58,6 +58,10 @@ QUICK_EXTRACTION = [
 ]  # fmt: skip
 FULL_TRAINING = ["--make-data", "--batches", "8", "--repeats", "3", "--precision", "32-true", "bf16-mixed"]
 QUICK_TRAINING = ["--quick", "--precision", "32-true", "bf16-mixed"]
+COMPILED_TRAINING = [
+    "--make-data", "--batches", "8", "--repeats", "2", "--precision", "bf16-mixed",
+    "--override", "model.compile_head=true",
+]  # fmt: skip
 
 
 def parts(args: argparse.Namespace, out: Path) -> list[tuple[str, str, list[str]]]:
@@ -71,11 +75,15 @@ def parts(args: argparse.Namespace, out: Path) -> list[tuple[str, str, list[str]
         x152 = ["--arch", "X-152-32x8d", *FULL_EXTRACTION, "--proposals", "1000"]
         r50 = ["--arch", "R-50", *FULL_EXTRACTION, "--proposals"]
         train = FULL_TRAINING
-    return [
+    out_parts = [
         ("extraction_x152", "extraction", [*x152, *device, "--json", str(out / "extraction_x152.json")]),
         ("extraction_r50", "extraction", [*r50, *device, "--json", str(out / "extraction_r50.json")]),
         ("training_r50_448", "training", [*train, *device, "--json", str(out / "training_r50_448.json")]),
     ]
+    if not args.quick:  # rows beside the goals: the same step with the head compiled (minutes on a CPU)
+        compiled = [*COMPILED_TRAINING, *device, "--json", str(out / "training_compiled_head.json")]
+        out_parts.append(("training_compiled_head", "training", compiled))
+    return out_parts
 
 
 def run_part(module: str, argv: list[str]) -> dict[str, Any]:
