@@ -507,7 +507,9 @@ def grids_to_host(grids: Sequence[Tensor], dtype: str) -> list[np.ndarray]:
 class HostGrids:
     """A batch's grid maps on their way to the host. On a GPU the float16 cast and one copy into pinned
     memory are queued on the device's stream and `wait` waits for them alone, so the next batch's forward
-    can be queued before this batch is handed to the writer (the device is not left idle meanwhile)."""
+    can be queued before this batch is handed to the writer (the device is not left idle meanwhile).
+    The maps handed on stay in that pinned memory until the writer commits them (`commit_images` of them
+    at most: 256 x 2.5 MB at stride 32)."""
 
     def __init__(self, grids: Sequence[Tensor], dtype: str) -> None:
         self._ready: list[np.ndarray] | None = None
