@@ -372,6 +372,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--repeats", type=int, default=None, help="measured passes per kind after one warm-up (default 5)"
     )
     p.add_argument("--num-workers", type=int, default=None, help="loader workers (default: the config's)")
+    p.add_argument("--more-workers", type=int, default=None,
+                   help="also time the loader alone with this many workers (not judged)")
     p.add_argument("--image-size", type=int, default=None, help="square input size (default: the config's)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -463,7 +465,8 @@ def _make_data_for(cfg, args: argparse.Namespace, root: Path) -> None:
     """Enough train items for the loader's passes: questions (one image each) or images (with theirs)."""
     per_image = 10  # questions per image: fewer images to draw for the same number of questions
     batch = int(cfg.data.batch_size)
-    items = _loader_batches(args, int(cfg.data.num_workers)) * batch + batch
+    workers = max(int(cfg.data.num_workers), args.more_workers or 0)
+    items = _loader_batches(args, workers) * batch + batch
     images = items if cfg.data.group_by_image else math.ceil(items / per_image) + 1
     sides = QUICK_SIDES if args.quick else DATA_SIDES[args.preset]
     make_data(root, train_images=max(16, images), sides=sides, questions_per_image=per_image)
@@ -505,6 +508,13 @@ def measure(cfg, args: argparse.Namespace, device: torch.device, work: Path, roo
     workers = int(cfg.data.num_workers)
     record["loader"] = loader_figures(datamodule, _loader_batches(args, workers), args.repeats, workers,
                                       pin=device.type == "cuda")
+    if args.more_workers and args.more_workers != workers:  # beside the goal's: what more processes give
+        datamodule.hparams.num_workers = args.more_workers
+        record["loader_more_workers"] = loader_figures(
+            datamodule, _loader_batches(args, args.more_workers), args.repeats, args.more_workers,
+            pin=device.type == "cuda",
+        )  # fmt: skip
+        datamodule.hparams.num_workers = workers
     record["ratios"] = ratios(record)
     print_table(record)
     if args.json is not None:
@@ -659,6 +669,10 @@ def print_table(record: dict[str, Any]) -> None:
         f"(d) data loader, {loader['workers']} workers, fresh: {loader['images_per_s']:.1f} images/s, "
         f"{steady_text} after the start-up ({1000 * loader['startup_seconds']:.0f} ms to the first batch)"
     )
+    more = record.get("loader_more_workers")
+    if more is not None:
+        rate = more["after_startup_images_per_s"] or more["images_per_s"]
+        print(f"(d') data loader, {more['workers']} workers: {rate:.1f} images/s after the start-up")
     for precision, r in record["ratios"].items():
         if precision == "bf16_over_fp32" or "error" in r:
             continue
