@@ -510,11 +510,13 @@ def measure(cfg, args: argparse.Namespace, device: torch.device, work: Path, roo
                                       pin=device.type == "cuda")
     if args.more_workers and args.more_workers != workers:  # beside the goal's: what more processes give
         datamodule.hparams.num_workers = args.more_workers
-        record["loader_more_workers"] = loader_figures(
-            datamodule, _loader_batches(args, args.more_workers), args.repeats, args.more_workers,
-            pin=device.type == "cuda",
-        )  # fmt: skip
-        datamodule.hparams.num_workers = workers
+        try:
+            record["loader_more_workers"] = loader_figures(
+                datamodule, _loader_batches(args, args.more_workers), args.repeats, args.more_workers,
+                pin=device.type == "cuda",
+            )  # fmt: skip
+        finally:
+            datamodule.hparams.num_workers = workers
     record["ratios"] = ratios(record)
     print_table(record)
     if args.json is not None:

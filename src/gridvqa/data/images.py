@@ -16,6 +16,7 @@ Only torch / torchvision / PIL / numpy here: datasets import this module in ever
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import os
@@ -298,7 +299,6 @@ def resize_pil(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img
 
 
-@functools.lru_cache(maxsize=1024)
 def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Source indices [out, K] and fixed-point weights [out, K] of Pillow's bilinear resampling along one
     axis: the double-precision steps of Resample.c (precompute_coeffs, normalize_coeffs_8bpc) in the same
@@ -323,8 +323,8 @@ def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]
 
 @functools.lru_cache(maxsize=1024)
 def _device_taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Copied to a GPU once per size pair: each copy of a pageable host array waits for everything queued
-    # on the device, which would stall the batch before this one (see also `_device_constants`).
+    # Computed and copied to a GPU once per size pair: each copy of a pageable host array waits for
+    # everything queued on the device, which would stall the batch before this one (`_device_constants`).
     index, weights = _bilinear_taps(in_size, out_size)
     return torch.from_numpy(index).to(device), torch.from_numpy(weights).to(device)
 
@@ -730,11 +730,9 @@ class ImagePipeline:
         out = torch.zeros((len(sizes), 3, hmax, wmax), dtype=torch.float32, device=pixels.device)
         shapes = [(tuple(o), tuple(s)) for o, s in zip(orig_sizes, sizes, strict=True)]
         i = 0
-        while i < len(shapes):  # consecutive images of one size in one go (one set of kernels, not one each)
-            j = i + 1
-            while j < len(shapes) and shapes[j] == shapes[i]:
-                j += 1
-            (h0, w0), (h, w) = shapes[i]
+        # consecutive images of one size in one go: one set of kernels, not one each
+        for ((h0, w0), (h, w)), run in itertools.groupby(shapes):
+            j = i + len(list(run))
             out[i:j, :, :h, :w] = self.normalization(resize_uint8(pixels[i:j, :, :h0, :w0], (h, w)))
             i = j
         return out
