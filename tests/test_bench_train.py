@@ -101,7 +101,7 @@ def test_quick_run_rows_and_ratios(tmp_path, capsys, monkeypatch):
     # one warm-up epoch + one measured repeat of every kind, all timed
     assert {k: len(v) for k, v in p["raw_pass_seconds"].items()} == {k: 2 for k in training.Passes.KINDS}
     rows = p["rows"]
-    assert set(rows) == {"step", "backbone", "head", "backbone+head", "optimizer", "rest"}
+    assert set(rows) == {"step", "backbone", "head", "backbone+head", "optimizer", "pixels", "rest"}
     for k in ("step", "backbone", "head"):
         assert rows[k]["images_per_s"] == pytest.approx(2 / rows[k]["seconds_per_batch"])
         assert rows[k]["peak_memory_mb"] is None  # a CPU: no device memory figure

@@ -59,3 +59,25 @@ def test_the_device_side_of_an_extraction_batch_never_waits_for_the_gpu():
         batch()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_batch_resized_on_the_gpu_is_the_cpus_and_never_waits():
+    # data.resize_on_device: the taps travel pinned with the batch, so resizing queues without a host sync
+    from gridvqa.data.images import collate_unresized, resize_batch_uint8
+
+    g = torch.Generator().manual_seed(2)
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+              for h, w in ((480, 640), (427, 640), (640, 480))]
+    batch = collate_unresized(images, [(448, 448)] * 3, [False, True, False])
+    want = resize_batch_uint8(batch["images"], batch["resize_taps"])
+    pinned = {k: v.pin_memory() for k, v in batch["resize_taps"].items()}
+    pixels = batch["images"].pin_memory()
+    resize_batch_uint8(pixels.cuda(), {k: v.cuda() for k, v in pinned.items()})
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        taps = {k: v.to("cuda", non_blocking=True) for k, v in pinned.items()}
+        got = resize_batch_uint8(pixels.to("cuda", non_blocking=True), taps)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got.cpu(), want)

@@ -152,6 +152,10 @@ def test_quick_cpu_run_writes_every_row_and_ratio(tmp_path):
     assert ("training_r50_448", "training step (Lightning fit)", "32-true") in rows
     for workers in (1, 2):  # the goal's loader (the config's workers) and the one with more, beside it
         assert ("training_r50_448", f"data loader alone, {workers} workers, after start-up", "–") in rows
+    # the paper preset resizes on the device; the loader with the workers resizing is timed beside it
+    other = "data loader alone, 1 workers, after start-up, resize on the workers"
+    assert ("training_r50_448", other, "–") in rows
+    assert ("training_r50_448", "pixels: resize / normalise on the device (in the step)", "32-true") in rows
     assert all(r["peak_memory_mb"] is None for r in summary["rows"])  # a CPU: no device memory
     assert md.count("\n| extraction_x152 |") == 7 and "| part | row | precision | images/s | peak MiB |" in md
     # the profiled grid runs: where the host's time went (no device busy time on a CPU)

@@ -1,5 +1,6 @@
-"""uint8 pixels from the workers, normalised on the model's device (data.normalize_on_device), and
-FrozenBN in the input's dtype: the same network input and output as the float path."""
+"""uint8 pixels from the workers, normalised (data.normalize_on_device) or resized and normalised
+(data.resize_on_device) on the model's device, and FrozenBN in the input's dtype: the same network input
+and output as the float path."""
 
 import pytest
 import torch
@@ -47,15 +48,19 @@ def test_vqa_batches_of_uint8_pixels_give_the_same_answers(tiny_shapes):
     from gridvqa.data.vqa_data import VQADataModule
     from gridvqa.lit.vqa_module import VQAModule
 
-    def first_batch(on_device: bool) -> dict:
+    def first_batch(on_device: bool, resize: bool = False) -> dict:
         dm = VQADataModule(str(tiny_shapes), image_size=None, short=64, max_size=96, num_workers=0,
-                           batch_size=3, normalize_on_device=on_device)
+                           batch_size=3, normalize_on_device=on_device, resize_on_device=resize)
         return next(iter(dm.loader("val")))
 
-    plain, compact = first_batch(False), first_batch(True)
+    plain, compact, unresized = first_batch(False), first_batch(True), first_batch(False, resize=True)
     assert plain["images"].dtype == torch.float32 and "pixel_norm" not in plain
     assert compact["images"].dtype == torch.uint8 and compact["pixel_norm"]["kind"] == "detectron2"
     assert compact["images"].element_size() * 4 == plain["images"].element_size()
+    assert unresized["images"].dtype == torch.uint8 and "resize_taps" in unresized
+    assert unresized["images"].shape[-2:] != plain["images"].shape[-2:]  # the decoded sizes
+    for key in ("pixel_mask", "image_sizes", "q_ids", "target"):
+        assert torch.equal(unresized[key], plain[key]), key
 
     torch.manual_seed(0)
     dm = VQADataModule(str(tiny_shapes), num_workers=0)
@@ -65,8 +70,10 @@ def test_vqa_batches_of_uint8_pixels_give_the_same_answers(tiny_shapes):
                       backbone={"name": "R-tiny", "freeze_at": 0, "norm": "FrozenBN",
                                 "channels_last": True}).eval()
     assert torch.equal(model.pixels(compact), model.pixels(plain))
+    assert torch.equal(model.pixels(unresized), model.pixels(plain))
     with torch.no_grad():
         assert torch.equal(model(compact), model(plain))
+        assert torch.equal(model(unresized), model(plain))
 
 
 @pytest.mark.parametrize("norm", ["detectron2", "imagenet"])
@@ -79,3 +86,45 @@ def test_normalisation_is_torchvisions_bit_for_bit(norm):
     x = torch.randint(0, 256, (2, 3, 9, 11), dtype=torch.uint8)
     ref = x.float().flip(-3) if n.bgr else x.float() / 255.0
     assert torch.equal(n(x), TF.normalize(ref, list(n.mean), list(n.std)))
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_mixed_size_batch_resized_in_one_go_is_pillows_bytes(flip):
+    import numpy as np
+    import torchvision.transforms.v2.functional as TF
+    from PIL import Image
+
+    from gridvqa.data.images import resize_batch_uint8, resize_pil, resize_taps
+
+    g = np.random.default_rng(0)
+    ins = [(50, 70), (64, 40), (33, 90), (80, 80), (40, 40), (9, 200)]
+    outs = [(40, 56), (80, 50), (40, 109), (80, 80), (64, 64), (3, 100)]  # down, up, mixed, same size
+    flips = [flip and i % 2 == 0 for i in range(len(ins))]
+    images = [Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ins]
+    raw = collate_images([TF.pil_to_tensor(im) for im in images], size_divisibility=1)[0]
+    got = resize_batch_uint8(raw, resize_taps(ins, outs, (96, 128), flips))
+    assert got.dtype == torch.uint8 and got.shape == (len(ins), 3, 96, 128)
+    for b, (im, (h, w), f) in enumerate(zip(images, outs, flips, strict=True)):
+        want = TF.pil_to_tensor(resize_pil(im, (h, w)))
+        assert torch.equal(got[b, :, :h, :w], want.flip(-1) if f else want), b
+        assert not got[b, :, h:].any() and not got[b, :, :, w:].any()  # zero outside each image
+
+
+def test_the_unresized_path_makes_the_pipelines_batch(tiny_shapes):
+    import random
+
+    from PIL import Image
+
+    from gridvqa.data.images import collate_unresized, resize_batch_uint8
+
+    pipeline = ImagePipeline(ResizeShortest((40, 56), 80), hflip_prob=0.5, normalize=False)
+    paths = sorted(tiny_shapes.rglob("*.jpg"))[:5]
+    images = [Image.open(p).convert("RGB") for p in paths]
+    whole = [pipeline(im, rng=random.Random(i)) for i, im in enumerate(images)]
+    planned = [pipeline.unresized(im, rng=random.Random(i)) for i, im in enumerate(images)]
+    assert [info for _, _, info in whole] == [info for _, info in planned]  # the same random draws
+    want, want_mask, want_sizes = collate_images([x for x, _, _ in whole])
+    batch = collate_unresized([x for x, _ in planned], [i["size"] for _, i in planned],
+                              [i["flipped"] for _, i in planned])
+    assert torch.equal(batch["pixel_mask"], want_mask) and torch.equal(batch["image_sizes"], want_sizes)
+    assert torch.equal(resize_batch_uint8(batch["images"], batch["resize_taps"]), want)

@@ -244,17 +244,6 @@ class ExtractionDataset(Dataset):
                 "scale": info["scale"], "error": None}
 
 
-def _pad_uint8(pixels: Sequence[Tensor]) -> Tensor:
-    """Decoded images of different sizes in one uint8 batch (top-left, zeros elsewhere): one copy to the
-    device for the whole batch; `prepare_batch` reads each image's own rectangle only."""
-    h = max(int(p.shape[-2]) for p in pixels)
-    w = max(int(p.shape[-1]) for p in pixels)
-    out = torch.zeros((len(pixels), 3, h, w), dtype=torch.uint8)
-    for i, p in enumerate(pixels):
-        out[i, :, : p.shape[-2], : p.shape[-1]] = p
-    return out
-
-
 def collate_extraction(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Unreadable images listed apart; readable ones in one group per padded shape: `images` (float,
     padded to a multiple of 32) or, for device preprocessing, `pixels` (uint8 originals, padded)."""
@@ -272,7 +261,9 @@ def collate_extraction(batch: list[dict[str, Any]]) -> dict[str, Any]:
             "sizes": [tuple(int(v) for v in b["size"]) for b in group],
         }
         if "pixels" in group[0]:
-            g["pixels"] = _pad_uint8([b["pixels"] for b in group])
+            # decoded images, top-left, zeros elsewhere: one copy to the device for the whole batch;
+            # `prepare_batch` reads each image's own rectangle only
+            g["pixels"] = collate_images([b["pixels"] for b in group], size_divisibility=1)[0]
         else:
             g["images"] = collate_images([b["image"] for b in group], size_divisibility=SIZE_DIVISIBILITY)[0]
         out["groups"].append(g)

@@ -45,6 +45,7 @@ TRAINING_ROWS = {
     "head": "head fwd+loss+bwd alone",
     "backbone+head": "backbone + head alone",
     "optimizer": "optimizer (in the step)",
+    "pixels": "pixels: resize / normalise on the device (in the step)",
     "rest": "rest of the step (Lightning, glue)",
 }
 
@@ -58,9 +59,11 @@ QUICK_EXTRACTION = [
 ]  # fmt: skip
 FULL_TRAINING = [
     "--make-data", "--batches", "8", "--repeats", "3", "--precision", "32-true", "bf16-mixed",
-    "--more-workers", "14",
+    "--more-workers", "14", "--compare-resize",
 ]  # fmt: skip
-QUICK_TRAINING = ["--quick", "--precision", "32-true", "bf16-mixed", "--more-workers", "2"]
+QUICK_TRAINING = [
+    "--quick", "--precision", "32-true", "bf16-mixed", "--more-workers", "2", "--compare-resize",
+]  # fmt: skip
 COMPILED_TRAINING = [
     "--make-data", "--batches", "8", "--repeats", "2", "--precision", "bf16-mixed",
     "--override", "model.compile_head=true",
@@ -204,11 +207,13 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         if strict is not None:
             label = f"backbone, TF32 off ({record['args']['arch']})"
             rows.append(_row(part, label, "float32", strict["images_per_s"], strict))
-        for key in ("loader", "loader_more_workers"):
+        for key in ("loader", "loader_more_workers", "loader_other_resize"):
             if key in record:
                 loader = record[key]
                 rate = loader["after_startup_images_per_s"] or loader["images_per_s"]
                 label = f"data loader alone, {loader['workers']} workers, after start-up"
+                if "resize_on_device" in loader:
+                    label += ", resize on " + ("the device" if loader["resize_on_device"] else "the workers")
                 rows.append(_row(part, label, "–", rate, {}))
     return rows
 

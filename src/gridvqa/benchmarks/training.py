@@ -15,6 +15,8 @@ on N real batches of its train loader, pre-loaded onto the device for the comput
   (b) the backbone alone: forward + backward on the same images
   (c) the head alone: forward + loss + backward on the same visual features (detached from the backbone but
       requiring grad, so the head's backward also makes the gradient the step hands to the backbone)
+  (a) also holds, timed alone beside it: the optimizer (clip + step + zero_grad) and the pixels' resize /
+      normalisation on the device (data.resize_on_device / data.normalize_on_device), if any
   (d) the data loader alone: a fresh train loader with the configured workers, no compute; its rate after
       the workers' start-up (the batches after the first `workers` ones) is what a run sees, start-up
       being paid once (persistent workers)
@@ -157,7 +159,7 @@ class Passes:
     """Timed passes over the pre-loaded batches of each kind: seconds per pass and the peak device memory
     of each kind (MiB, None off CUDA)."""
 
-    KINDS = ("step", "backbone", "head", "optimizer")
+    KINDS = ("step", "backbone", "head", "optimizer", "pixels")
 
     def __init__(self, module, batches: list[dict], device: torch.device, precision: str) -> None:
         self.module, self.batches, self.device = module, batches, device
@@ -229,6 +231,13 @@ class Passes:
             del inputs
         self._record("head", total, peak)
 
+    def pixels(self) -> None:
+        """The batch's pixels to the backbone's input alone: resize (data.resize_on_device) and
+        normalise (data.normalize_on_device) on the device, or nothing for a float batch."""
+        with PeakMemory(self.device) as peak, torch.no_grad():
+            total = self._timed_loop(self.module.pixels, self.batches)
+        self._record("pixels", total, peak)
+
     def optimizer(self, trainer) -> None:
         """Gradient clipping + optimizer step + zero_grad, on the gradients of a real step (made untimed,
         so this part syncs around each batch)."""
@@ -271,6 +280,7 @@ def make_timer(passes: Passes):
                 passes.backbone()
                 passes.head()
                 passes.optimizer(trainer)
+                passes.pixels()
             pl_module.zero_grad(set_to_none=True)
 
     return EpochTimer()
@@ -374,6 +384,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=None, help="loader workers (default: the config's)")
     p.add_argument("--more-workers", type=int, default=None,
                    help="also time the loader alone with this many workers (not judged)")
+    p.add_argument("--compare-resize", action="store_true",
+                   help="also time the loader alone with the other data.resize_on_device (not judged)")
+    p.add_argument("--loader-only", action="store_true",
+                   help="time the data loader rows alone (no model: the loader's side on any machine)")
     p.add_argument("--image-size", type=int, default=None, help="square input size (default: the config's)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -490,7 +504,7 @@ def measure(cfg, args: argparse.Namespace, device: torch.device, work: Path, roo
     if not batches:
         print(f"error: {root}: the train loader gave no batch (every image unreadable?)", file=sys.stderr)
         return None
-    precisions = args.precision or [str(cfg.trainer.precision)]
+    precisions = [] if args.loader_only else args.precision or [str(cfg.trainer.precision)]
     record: dict[str, Any] = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "environment": environment(device),
@@ -517,6 +531,12 @@ def measure(cfg, args: argparse.Namespace, device: torch.device, work: Path, roo
             )  # fmt: skip
         finally:
             datamodule.hparams.num_workers = workers
+    if args.compare_resize and cfg.data.source == "pixels":  # beside the goal's: the other resize placement
+        other = not bool(cfg.data.get("resize_on_device"))
+        figures = loader_figures(hydra.utils.instantiate(cfg.data, resize_on_device=other),
+                                 _loader_batches(args, workers), args.repeats, workers,
+                                 pin=device.type == "cuda")  # fmt: skip
+        record["loader_other_resize"] = {**figures, "resize_on_device": other}
     record["ratios"] = ratios(record)
     print_table(record)
     if args.json is not None:
@@ -526,7 +546,7 @@ def measure(cfg, args: argparse.Namespace, device: torch.device, work: Path, roo
 
 def setting_of(cfg, batches: list[dict], weights_note: str) -> dict[str, Any]:
     n = len(batches)
-    h, w = batches[0]["images"].shape[-2:]
+    h, w = batches[0]["pixel_mask"].shape[-2:]  # the network input (images may be unresized uint8)
     return {
         "experiment": cfg.task_name,
         "backbone": str(cfg.backbone.name),
@@ -578,7 +598,7 @@ def figures_of(passes: Passes, batches: list[dict]) -> dict[str, Any]:
     t = {k: v[1:] for k, v in passes.times.items()}  # the first epoch of each kind was warm-up
     sec = {k: median(t[k]) / n for k in Passes.KINDS}
     sec["backbone+head"] = sec["backbone"] + sec["head"]
-    sec["rest"] = sec["step"] - sec["backbone+head"] - sec["optimizer"]
+    sec["rest"] = sec["step"] - sec["backbone+head"] - sec["optimizer"] - sec["pixels"]
     rows = {
         k: {
             "seconds_per_batch": s,
@@ -621,6 +641,7 @@ ROW_NAMES = {
     "head": "(c) head forward + loss + backward",
     "backbone+head": "    b + c",
     "optimizer": "    optimizer: clip + AdamW + zero_grad (in a)",
+    "pixels": "    pixels: resize / normalise on device (in a)",
     "rest": "    rest of a: Lightning + glue",
 }
 
@@ -675,6 +696,11 @@ def print_table(record: dict[str, Any]) -> None:
     if more is not None:
         rate = more["after_startup_images_per_s"] or more["images_per_s"]
         print(f"(d') data loader, {more['workers']} workers: {rate:.1f} images/s after the start-up")
+    other = record.get("loader_other_resize")
+    if other is not None:
+        rate = other["after_startup_images_per_s"] or other["images_per_s"]
+        where = "the device" if other["resize_on_device"] else "the workers"
+        print(f"(d'') data loader, resize on {where}: {rate:.1f} images/s after the start-up")
     for precision, r in record["ratios"].items():
         if precision == "bf16_over_fp32" or "error" in r:
             continue

@@ -370,6 +370,70 @@ def resize_uint8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return y.to(torch.uint8)
 
 
+_cached_taps = functools.lru_cache(maxsize=4096)(_bilinear_taps)
+
+
+def _stacked_taps(
+    in_sizes: Sequence[int], out_sizes: Sequence[int], padded: int, reverse: Sequence[bool]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    per_image = [_cached_taps(int(i), int(o)) for i, o in zip(in_sizes, out_sizes, strict=True)]
+    k = max(ix.shape[1] for ix, _ in per_image)
+    # padding: index 0 with weight 0 (an output of 0); fewer taps: weight-0 taps at the end
+    index = np.zeros((len(per_image), padded, k), dtype=np.int64)
+    weight = np.zeros((len(per_image), padded, k), dtype=np.int32)
+    for b, ((ix, wt), flip) in enumerate(zip(per_image, reverse, strict=True)):
+        if flip:  # a flip after the resize is the same taps in reverse output order
+            ix, wt = ix[::-1], wt[::-1]
+        index[b, : ix.shape[0], : ix.shape[1]] = ix
+        weight[b, : wt.shape[0], : wt.shape[1]] = wt
+    return torch.from_numpy(index), torch.from_numpy(weight)
+
+
+def resize_taps(
+    in_sizes: Sequence[tuple[int, int]],
+    out_sizes: Sequence[tuple[int, int]],
+    padded: tuple[int, int],
+    flipped: Sequence[bool] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The host side of `resize_batch_uint8`: image i of a batch goes from in_sizes[i] to out_sizes[i]
+    (then flipped left-right where flipped[i]), into a batch of `padded` (h, w) zeroed outside each image.
+
+    Built in numpy, in loader workers, so the tensors travel with the batch (pinned, copied without a
+    wait) instead of being made on the main thread, where a host-to-GPU copy of pageable memory would wait
+    for the queued step. Returns index int64 / weight int32 tensors [B, out, taps] per axis.
+    """
+    flips = [bool(f) for f in flipped] if flipped is not None else [False] * len(in_sizes)
+    h_index, h_weight = _stacked_taps([s[0] for s in in_sizes], [s[0] for s in out_sizes], padded[0],
+                                      [False] * len(flips))
+    w_index, w_weight = _stacked_taps([s[1] for s in in_sizes], [s[1] for s in out_sizes], padded[1], flips)
+    return {"h_index": h_index, "h_weight": h_weight, "w_index": w_index, "w_weight": w_weight}
+
+
+def _resample_batch(x: torch.Tensor, dim: int, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # int32 [B, C, H, W] -> int32 with index.shape[1] along `dim` (-1 or -2), each image its own taps
+    acc = torch.full((), 1 << (_PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
+    # [B, out, K] -> along W [B, 1, 1, out, K], along H [B, 1, out, 1, K]: broadcast over the other axes
+    index, weight = (t[:, None, None] if dim == -1 else t[:, None, :, None] for t in (index, weight))
+    for k in range(index.shape[-1]):
+        acc = acc + torch.take_along_dim(x, index[..., k], dim=dim) * weight[..., k]
+    return (acc >> _PRECISION_BITS).clamp_(0, 255)
+
+
+def resize_batch_uint8(x: torch.Tensor, taps: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """uint8 [B, C, H, W] (image i in its top-left corner) -> uint8 [B, C, h, w] of `resize_taps`: every
+    image resized (and flipped) as `resize_pil` would, bit for bit, with zeros outside it.
+
+    One set of kernels for the whole batch, whatever the sizes in it (`resize_uint8` on a run of one size
+    each would launch a set per size: a batch of COCO images has dozens). Both passes always run; a pass
+    to the same size has one tap of weight 1.0, so it changes nothing, as Pillow skipping it.
+    """
+    if x.dtype != torch.uint8 or x.ndim != 4:
+        raise ValueError(f"resize_batch_uint8 needs a uint8 [B, C, H, W] batch, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    y = _resample_batch(x.to(torch.int32), -1, taps["w_index"], taps["w_weight"])
+    return _resample_batch(y, -2, taps["h_index"], taps["h_weight"]).to(torch.uint8)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Normalisation
 
@@ -710,6 +774,17 @@ class ImagePipeline:
         info = {"orig_size": (h, w), "size": (nh, nw), "scale": (sy, sx), "flipped": bool(flipped)}
         return (self.normalization(x) if self.normalize else x), boxes, info
 
+    def unresized(self, img: Image.Image, rng: RandomSource | None = None) -> tuple[torch.Tensor, dict]:
+        """`__call__`'s decisions without its work: the decoded uint8 image and the info `__call__` gives
+        (the same random draws, in the same order); `collate_unresized` and `resize_batch_uint8` finish
+        the conversion on the model's device with the same bytes."""
+        x = self.decode(img)
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        nh, nw = self.resize.output_size(h, w, rng)
+        flipped = self.hflip_prob > 0 and _uniform(rng) < self.hflip_prob
+        info = {"orig_size": (h, w), "size": (nh, nw), "scale": (nh / h, nw / w), "flipped": bool(flipped)}
+        return x, info
+
     def prepare_batch(
         self,
         pixels: torch.Tensor,
@@ -756,6 +831,19 @@ def _transform_boxes(boxes: torch.Tensor, sx: float, sy: float, flip_width: int 
 # Batching
 
 
+def batch_buffer(shape: Sequence[int], dtype: torch.dtype, fill: float = 0) -> torch.Tensor:
+    """A tensor full of `fill` to collate into; in a loader worker, in shared memory, as torch's
+    default_collate makes its batches: handing it to the main process then copies nothing (a batch made in
+    private memory is copied into shared memory on its way), and fresh shared pages are already zero."""
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is None:
+        return torch.full(tuple(shape), fill, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    out = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, tuple(shape))
+    return out.fill_(fill) if fill != 0 else out
+
+
 def collate_images(
     tensors: Sequence[torch.Tensor], size_divisibility: int = 32, pad_value: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -775,13 +863,40 @@ def collate_images(
     if size_divisibility > 1:
         d = int(size_divisibility)
         hmax, wmax = -(-hmax // d) * d, -(-wmax // d) * d
-    batch = tensors[0].new_full((len(tensors), c, hmax, wmax), pad_value)
-    mask = torch.zeros(len(tensors), hmax, wmax, dtype=torch.bool, device=tensors[0].device)
+    if tensors[0].device.type == "cpu":
+        batch = batch_buffer((len(tensors), c, hmax, wmax), tensors[0].dtype, pad_value)
+        mask = batch_buffer((len(tensors), hmax, wmax), torch.bool)
+    else:
+        batch = tensors[0].new_full((len(tensors), c, hmax, wmax), pad_value)
+        mask = torch.zeros(len(tensors), hmax, wmax, dtype=torch.bool, device=tensors[0].device)
     for i, t in enumerate(tensors):
         h, w = t.shape[-2:]
         batch[i, :, :h, :w] = t
         mask[i, :h, :w] = True
     return batch, mask, sizes
+
+
+def collate_unresized(
+    tensors: Sequence[torch.Tensor],
+    sizes: Sequence[tuple[int, int]],
+    flipped: Sequence[bool] | None = None,
+    size_divisibility: int = 32,
+) -> dict[str, Any]:
+    """`unresized` images -> what `collate_images` gives of the resized ones, with the resize left to do:
+    `images` (uint8, each decoded image top-left, padded), `resize_taps` (for `resize_batch_uint8`, whose
+    output has the padded size of the resized batch), `pixel_mask` and `image_sizes` of the resized images."""
+    images = collate_images(tensors, size_divisibility=1)[0]
+    out_sizes = torch.tensor([[int(h), int(w)] for h, w in sizes], dtype=torch.long)
+    hmax, wmax = (int(v) for v in out_sizes.max(dim=0).values)
+    if size_divisibility > 1:
+        d = int(size_divisibility)
+        hmax, wmax = -(-hmax // d) * d, -(-wmax // d) * d
+    mask = batch_buffer((len(sizes), hmax, wmax), torch.bool)
+    for i, (h, w) in enumerate(out_sizes.tolist()):
+        mask[i, :h, :w] = True
+    in_sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
+    taps = resize_taps(in_sizes, out_sizes.tolist(), (hmax, wmax), flipped)
+    return {"images": images, "resize_taps": taps, "pixel_mask": mask, "image_sizes": out_sizes}
 
 
 def normalize_batch(

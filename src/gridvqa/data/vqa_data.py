@@ -23,6 +23,7 @@ from gridvqa.data.images import (
     ImagePipeline,
     SkipCounter,
     collate_images,
+    collate_unresized,
     load_image,
     resolve_image_spec,
 )
@@ -57,6 +58,7 @@ class VQADataset(Dataset):
         features=None,
         group_by_image: bool = False,
         keep_blind: bool = False,
+        resize_on_device: bool = False,
     ) -> None:
         if source not in SOURCES:
             raise ValueError(f"unknown visual source {source!r}; expected one of {SOURCES}")
@@ -70,6 +72,7 @@ class VQADataset(Dataset):
         self.features = features
         self.skipped = SkipCounter()
         self.keep_blind = keep_blind
+        self.resize_on_device = resize_on_device
         self.groups: list[list[int]] | None = None
         if group_by_image:
             by_image: dict[int, list[int]] = {}
@@ -91,17 +94,23 @@ class VQADataset(Dataset):
             path = layout.coco_image_path(self.root, e.split or self.split, e.image_id)
             try:
                 img = load_image(path)
-                tensor, _, info = self.pipeline(img)
+                if self.resize_on_device:
+                    tensor, info = self.pipeline.unresized(img)
+                else:
+                    tensor, _, info = self.pipeline(img)
             except Exception as err:  # noqa: BLE001 - one image that cannot be prepared never ends a run
                 reason = str(err) if isinstance(err, DataError) else f"{path}: {type(err).__name__}: {err}"
                 self.skipped.add(path, reason)
                 log.warning("skipping question %d: %s", e.question_id, reason)
                 return None
-            if self.pipeline.normalize:
+            if self.pipeline.normalize and not self.resize_on_device:
                 return {"image": tensor, "orig_size": info["orig_size"]}
             # uint8: the model normalises on its device (VQAModule.pixels) with this
-            return {"image": tensor, "orig_size": info["orig_size"],
-                    "pixel_norm": self.pipeline.normalization.to_dict()}
+            out = {"image": tensor, "orig_size": info["orig_size"],
+                   "pixel_norm": self.pipeline.normalization.to_dict()}
+            if self.resize_on_device:  # ... after resizing there (collate_unresized)
+                out["size"], out["flipped"] = info["size"], info["flipped"]
+            return out
         try:
             item = self.features.get(e.image_id)
         except KeyError:
@@ -169,7 +178,11 @@ def collate_vqa(batch: list[dict | None], size_divisibility: int = 32) -> dict |
         "img_index": torch.tensor([k for k, b in enumerate(items) for _ in b["questions"]]),
         "orig_size": torch.tensor([b["orig_size"] for b in items]),
     }
-    if "image" in items[0]:
+    if "image" in items[0] and "size" in items[0]:
+        out.update(collate_unresized([b["image"] for b in items], [b["size"] for b in items],
+                                     [b["flipped"] for b in items], size_divisibility=size_divisibility))
+        out["pixel_norm"] = items[0]["pixel_norm"]
+    elif "image" in items[0]:
         out["images"], out["pixel_mask"], out["image_sizes"] = collate_images(
             [b["image"] for b in items], size_divisibility=size_divisibility
         )
@@ -244,6 +257,9 @@ class VQADataModule(pl.LightningDataModule):
     exactly one rank. `seed` defaults to the one `seed_everything` set.
     `normalize_on_device`: the workers send resized uint8 pixels and the model normalises them on its
     device (the same values, a quarter of the bytes through the workers' queues and the host-to-GPU copy).
+    `resize_on_device`: the workers only decode; the model resizes (`resize_batch_uint8`, the same bytes as
+    Pillow) and normalises on its device. On a GPU that takes Pillow's resize, over a third of a worker's
+    time per image, off the workers; on a CPU the torch resize is far slower than Pillow's: keep it off.
     """
 
     def __init__(
@@ -271,6 +287,7 @@ class VQADataModule(pl.LightningDataModule):
         group_by_image: bool = True,
         seed: int | None = None,
         normalize_on_device: bool = False,
+        resize_on_device: bool = False,
     ) -> None:
         super().__init__()
         image_size, features, train_split = to_plain(image_size), to_plain(features), to_plain(train_split)
@@ -312,7 +329,8 @@ class VQADataModule(pl.LightningDataModule):
         features = None
         pipeline = None
         if hp.source == "pixels":
-            pipeline = ImagePipeline.from_spec(self.image_spec, normalize=not hp.normalize_on_device)
+            on_device = hp.normalize_on_device or hp.resize_on_device
+            pipeline = ImagePipeline.from_spec(self.image_spec, normalize=not on_device)
         else:
             features = split_features(hp.features or {}, names)
         ds = VQADataset(
@@ -327,6 +345,7 @@ class VQADataModule(pl.LightningDataModule):
             features,
             hp.group_by_image,
             keep_blind=names != split_names(hp.train_split),  # scoring splits count every question
+            resize_on_device=hp.resize_on_device,
         )
         self.datasets[key] = ds
         return ds

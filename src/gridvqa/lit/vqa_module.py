@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from gridvqa.config import to_plain
-from gridvqa.data.images import feature_mask, normalize_batch, resolve_image_spec
+from gridvqa.data.images import feature_mask, normalize_batch, resize_batch_uint8, resolve_image_spec
 from gridvqa.errors import ConfigError, DataError
 from gridvqa.lit.schedules import VQA_SCHEDULES, fraction_factor, mcan_epoch_factor
 from gridvqa.metrics.vqa_metric import VQAAccuracy
@@ -147,8 +147,11 @@ class VQAModule(pl.LightningModule):
     # -- model ------------------------------------------------------------------------------------
     def pixels(self, batch: dict) -> torch.Tensor:
         """The batch's images as the backbone takes them; a uint8 batch (data.normalize_on_device) is
-        normalised here, on the batch's device, with the normalisation the loader recorded in it."""
+        normalised here, on the batch's device, with the normalisation the loader recorded in it, after
+        resizing where the loader left that to do (data.resize_on_device)."""
         images = batch["images"]
+        if "resize_taps" in batch:
+            images = resize_batch_uint8(images, batch["resize_taps"])
         if images.dtype == torch.uint8:
             images = normalize_batch(images, batch["pixel_mask"], batch["pixel_norm"])
         if self.hparams.backbone.get("channels_last"):
