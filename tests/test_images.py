@@ -122,6 +122,70 @@ def test_errors_name_the_file_and_reason(tmp_path):
         assert isinstance(ei.value, DataError)
 
 
+def _decodable_files(tmp_path):
+    """Files of every kind load_image reads: plain JPEGs (torchvision's path in decode_rgb), and kinds
+    decode_rgb leaves to Pillow (CMYK, PNG behind a .jpg name, 16-bit)."""
+    files = {"rgb": noise_jpeg(tmp_path / "rgb.jpg", (67, 45))}
+    Image.effect_noise((30, 21), 60).save(tmp_path / "grey.jpeg", quality=85)
+    files["grey"] = tmp_path / "grey.jpeg"
+    im = Image.effect_noise((40, 20), 60).convert("RGB")
+    exif = Image.Exif()
+    for orientation in (3, 6, 8):
+        exif[0x0112] = orientation
+        im.save(tmp_path / f"rot{orientation}.jpg", exif=exif.tobytes(), quality=95)
+        files[f"exif{orientation}"] = tmp_path / f"rot{orientation}.jpg"
+    Image.new("CMYK", (16, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", format="JPEG")
+    files["cmyk"] = tmp_path / "cmyk.jpg"
+    Image.effect_noise((20, 10), 60).save(tmp_path / "png.jpg", format="PNG")
+    files["png_named_jpg"] = tmp_path / "png.jpg"
+    Image.fromarray((np.arange(200, dtype=np.uint16) * 300).reshape(10, 20)).save(tmp_path / "deep.png")
+    files["16bit"] = tmp_path / "deep.png"
+    return files
+
+
+def test_decode_rgb_gives_load_images_bytes_for_every_kind_of_file(tmp_path):
+    from gridvqa.data.images import decode_rgb
+
+    for kind, path in _decodable_files(tmp_path).items():
+        want = ImagePipeline.decode(load_image(path))
+        got = decode_rgb(path)
+        assert got.dtype == torch.uint8 and got.shape == want.shape, kind
+        assert torch.equal(got, want), kind
+
+
+def test_decode_rgb_reads_a_plain_jpeg_without_pillows_decoder(tmp_path, monkeypatch):
+    # the fast path is really taken: with load_image gone, plain JPEGs still decode, to the same bytes
+    import gridvqa.data.images as images
+
+    path = noise_jpeg(tmp_path / "a.jpg", (64, 48))
+    want = ImagePipeline.decode(load_image(path))
+
+    def refuse(p):
+        raise AssertionError(f"load_image called for {p}")
+
+    monkeypatch.setattr(images, "load_image", refuse)
+    assert torch.equal(images.decode_rgb(path), want)
+    with pytest.raises(AssertionError, match="load_image called"):
+        images.decode_rgb(_decodable_files(tmp_path)["cmyk"])
+
+
+def test_decode_rgb_errors_are_load_images(tmp_path):
+    from gridvqa.data.images import decode_rgb
+
+    good = noise_jpeg(tmp_path / "good.jpg", (200, 150)).read_bytes()
+    (tmp_path / "half.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "noend.jpg").write_bytes(good[:-2])
+    (tmp_path / "holes.jpg").write_bytes(good[:400] + bytes(300) + good[700:])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "random.jpg").write_bytes(os.urandom(2048))
+    for name in ("missing.jpg", "empty.jpg", "half.jpg", "noend.jpg", "holes.jpg", "random.jpg"):
+        with pytest.raises(ImageError) as want:
+            load_image(tmp_path / name)
+        with pytest.raises(ImageError) as got:
+            decode_rgb(tmp_path / name)
+        assert str(got.value) == str(want.value) and got.value.kind == want.value.kind, name
+
+
 def test_safe_load_counts_instead_of_raising(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     counter = SkipCounter()

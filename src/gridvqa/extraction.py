@@ -222,20 +222,19 @@ class ExtractionDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from gridvqa.data.images import load_image
+        from gridvqa.data.images import decode_rgb, load_image
 
         item = self.items[i]
         try:
-            img = load_image(item.path)
             if self.preprocess == "device":
-                pixels = self.pipeline.decode(img)
+                pixels = decode_rgb(item.path)
                 h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
                 nh, nw = self.pipeline.resize.output_size(h, w)
                 if min(nh, nw) <= 0:
                     raise ValueError(f"resize: output size must be positive, got {nh}x{nw}")
                 return {"index": i, "pixels": pixels, "size": (nh, nw), "orig_size": (h, w),
                         "scale": (nh / h, nw / w), "error": None}
-            x, _, info = self.pipeline(img)
+            x, _, info = self.pipeline(load_image(item.path))
         except ImageError as e:
             return {"index": i, "error": e.reason}
         except Exception as e:  # noqa: BLE001 - one image that cannot be prepared is skipped and listed

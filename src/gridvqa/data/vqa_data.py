@@ -24,6 +24,7 @@ from gridvqa.data.images import (
     SkipCounter,
     collate_images,
     collate_unresized,
+    decode_rgb,
     load_image,
     resolve_image_spec,
 )
@@ -93,11 +94,10 @@ class VQADataset(Dataset):
         if self.source == "pixels":
             path = layout.coco_image_path(self.root, e.split or self.split, e.image_id)
             try:
-                img = load_image(path)
-                if self.resize_on_device:
-                    tensor, info = self.pipeline.unresized(img)
+                if self.resize_on_device:  # decoded straight into a tensor: the device resizes
+                    tensor, info = self.pipeline.unresized(decode_rgb(path))
                 else:
-                    tensor, _, info = self.pipeline(img)
+                    tensor, _, info = self.pipeline(load_image(path))
             except Exception as err:  # noqa: BLE001 - one image that cannot be prepared never ends a run
                 reason = str(err) if isinstance(err, DataError) else f"{path}: {type(err).__name__}: {err}"
                 self.skipped.add(path, reason)
