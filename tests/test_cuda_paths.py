@@ -69,9 +69,9 @@ def test_a_batch_resized_on_the_gpu_is_the_cpus_and_never_waits():
     images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
               for h, w in ((480, 640), (427, 640), (640, 480))]
     batch = collate_unresized(images, [(448, 448)] * 3, [False, True, False])
-    want = resize_batch_uint8(batch["images"], batch["resize_taps"])
+    want = resize_batch_uint8(batch["raw_pixels"], batch["resize_taps"])
     pinned = {k: v.pin_memory() for k, v in batch["resize_taps"].items()}
-    pixels = batch["images"].pin_memory()
+    pixels = batch["raw_pixels"].pin_memory()
     resize_batch_uint8(pixels.cuda(), {k: v.cuda() for k, v in pinned.items()})
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

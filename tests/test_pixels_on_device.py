@@ -57,8 +57,7 @@ def test_vqa_batches_of_uint8_pixels_give_the_same_answers(tiny_shapes):
     assert plain["images"].dtype == torch.float32 and "pixel_norm" not in plain
     assert compact["images"].dtype == torch.uint8 and compact["pixel_norm"]["kind"] == "detectron2"
     assert compact["images"].element_size() * 4 == plain["images"].element_size()
-    assert unresized["images"].dtype == torch.uint8 and "resize_taps" in unresized
-    assert unresized["images"].shape[-2:] != plain["images"].shape[-2:]  # the decoded sizes
+    assert unresized["raw_pixels"].dtype == torch.uint8 and "images" not in unresized
     for key in ("pixel_mask", "image_sizes", "q_ids", "target"):
         assert torch.equal(unresized[key], plain[key]), key
 
@@ -101,8 +100,8 @@ def test_a_mixed_size_batch_resized_in_one_go_is_pillows_bytes(flip):
     outs = [(40, 56), (80, 50), (40, 109), (80, 80), (64, 64), (3, 100)]  # down, up, mixed, same size
     flips = [flip and i % 2 == 0 for i in range(len(ins))]
     images = [Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ins]
-    raw = collate_images([TF.pil_to_tensor(im) for im in images], size_divisibility=1)[0]
-    got = resize_batch_uint8(raw, resize_taps(ins, outs, (96, 128), flips))
+    flat = torch.cat([torch.from_numpy(np.array(im)).reshape(-1) for im in images])  # HWC each
+    got = resize_batch_uint8(flat, resize_taps(ins, outs, (96, 128), flips))
     assert got.dtype == torch.uint8 and got.shape == (len(ins), 3, 96, 128)
     for b, (im, (h, w), f) in enumerate(zip(images, outs, flips, strict=True)):
         want = TF.pil_to_tensor(resize_pil(im, (h, w)))
@@ -115,16 +114,44 @@ def test_the_unresized_path_makes_the_pipelines_batch(tiny_shapes):
 
     from PIL import Image
 
-    from gridvqa.data.images import collate_unresized, resize_batch_uint8
+    from gridvqa.data.images import collate_unresized, decode_rgb, resize_batch_uint8
 
     pipeline = ImagePipeline(ResizeShortest((40, 56), 80), hflip_prob=0.5, normalize=False)
     paths = sorted(tiny_shapes.rglob("*.jpg"))[:5]
-    images = [Image.open(p).convert("RGB") for p in paths]
-    whole = [pipeline(im, rng=random.Random(i)) for i, im in enumerate(images)]
-    planned = [pipeline.unresized(im, rng=random.Random(i)) for i, im in enumerate(images)]
+    whole = [pipeline(Image.open(p), rng=random.Random(i)) for i, p in enumerate(paths)]
+    planned = [pipeline.unresized(decode_rgb(p), rng=random.Random(i)) for i, p in enumerate(paths)]
     assert [info for _, _, info in whole] == [info for _, info in planned]  # the same random draws
     want, want_mask, want_sizes = collate_images([x for x, _, _ in whole])
     batch = collate_unresized([x for x, _ in planned], [i["size"] for _, i in planned],
                               [i["flipped"] for _, i in planned])
+    assert batch["raw_pixels"].numel() == sum(x.numel() for x, _ in planned)  # no padding on the host
     assert torch.equal(batch["pixel_mask"], want_mask) and torch.equal(batch["image_sizes"], want_sizes)
-    assert torch.equal(resize_batch_uint8(batch["images"], batch["resize_taps"]), want)
+    assert torch.equal(resize_batch_uint8(batch["raw_pixels"], batch["resize_taps"]), want)
+
+
+def _collate_both(items):
+    from gridvqa.data.images import collate_unresized
+
+    tensors = [t for t, _ in items]
+    padded = collate_images(tensors)
+    raw = collate_unresized(tensors, [s for _, s in items])
+    # where they were made (any tensor reaches the main process in shared memory, made so or copied)
+    made_shared = (padded[0].is_shared(), padded[1].is_shared(), raw["raw_pixels"].is_shared())
+    return padded, raw, made_shared
+
+
+def test_batches_collated_in_a_worker_are_made_in_shared_memory_with_the_same_values():
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(3)
+    items = [(torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8), (40, 56))
+             for h, w in ((30, 50), (45, 20), (33, 33))]
+    want_padded, want_raw, here = _collate_both(items)
+    assert here == (False, False, False)
+    loader = DataLoader([items], batch_size=None, num_workers=1, collate_fn=_collate_both)
+    (got_padded, got_raw, there), = loader
+    assert there == (True, True, True)
+    for want, got in zip(want_padded, got_padded, strict=True):
+        assert torch.equal(got, want)  # the padding zero as in private memory
+    assert torch.equal(got_raw["raw_pixels"], want_raw["raw_pixels"])
+    assert torch.equal(got_raw["pixel_mask"], want_raw["pixel_mask"])

@@ -334,7 +334,7 @@ def loader_figures(datamodule, n: int, repeats: int, workers: int, pin: bool = F
         loader = datamodule.train_dataloader()
         loader.pin_memory = pin
         got, times = take(loader, n)
-        sizes = [len(b["images"]) for b in got]
+        sizes = [len(b["orig_size"]) for b in got]
         images = sum(sizes)
         totals.append(images / times[-1])
         firsts.append(times[0])
@@ -558,7 +558,7 @@ def setting_of(cfg, batches: list[dict], weights_note: str) -> dict[str, Any]:
         "head": str(cfg.model.head.get("size", "small")),
         "image_size": [int(h), int(w)],
         "batches": n,
-        "images_per_batch": sum(len(b["images"]) for b in batches) / n,
+        "images_per_batch": sum(len(b["orig_size"]) for b in batches) / n,
         "questions_per_batch": sum(len(b["q_ids"]) for b in batches) / n,
         "workers": int(cfg.data.num_workers),
         "clip": cfg.trainer.get("gradient_clip_val"),
@@ -594,7 +594,7 @@ def measure_precision(
 def figures_of(passes: Passes, batches: list[dict]) -> dict[str, Any]:
     """Seconds per batch and images/s of each row (medians after the warm-up epoch), peak memory."""
     n = len(batches)
-    images = sum(len(b["images"]) for b in batches) / n
+    images = sum(len(b["orig_size"]) for b in batches) / n
     t = {k: v[1:] for k, v in passes.times.items()}  # the first epoch of each kind was warm-up
     sec = {k: median(t[k]) / n for k in Passes.KINDS}
     sec["backbone+head"] = sec["backbone"] + sec["head"]

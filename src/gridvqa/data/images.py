@@ -420,44 +420,63 @@ def resize_taps(
     out_sizes: Sequence[tuple[int, int]],
     padded: tuple[int, int],
     flipped: Sequence[bool] | None = None,
+    channels: int = 3,
 ) -> dict[str, torch.Tensor]:
-    """The host side of `resize_batch_uint8`: image i of a batch goes from in_sizes[i] to out_sizes[i]
-    (then flipped left-right where flipped[i]), into a batch of `padded` (h, w) zeroed outside each image.
+    """The host side of `resize_batch_uint8`: image i of a batch (HWC, in_sizes[i] x `channels`, the images
+    back to back in one flat buffer) goes to out_sizes[i], then is flipped left-right where flipped[i],
+    into a batch of `padded` (h, w) zeroed outside each image.
 
     Built in numpy, in loader workers, so the tensors travel with the batch (pinned, copied without a
     wait) instead of being made on the main thread, where a host-to-GPU copy of pageable memory would wait
-    for the queued step. Returns index int64 / weight int32 tensors [B, out, taps] per axis.
+    for the queued step. Returns index int64 / weight int32 tensors [B, out, taps] per axis, and
+    `row_start` int64 [B, C, H]: where each source row's first value of each channel lies in the flat
+    buffer (rows past an image's height repeat its last one; no tap reads them).
     """
     flips = [bool(f) for f in flipped] if flipped is not None else [False] * len(in_sizes)
     h_index, h_weight = _stacked_taps([s[0] for s in in_sizes], [s[0] for s in out_sizes], padded[0],
                                       [False] * len(flips))
     w_index, w_weight = _stacked_taps([s[1] for s in in_sizes], [s[1] for s in out_sizes], padded[1], flips)
-    return {"h_index": h_index, "h_weight": h_weight, "w_index": w_index, "w_weight": w_weight}
+    hw = np.asarray(in_sizes, dtype=np.int64).reshape(-1, 2)
+    plane = hw[:, 0] * hw[:, 1]
+    start = np.concatenate([[0], np.cumsum(channels * plane)[:-1]])
+    rows = np.minimum(np.arange(hw[:, 0].max())[None, :], hw[:, :1] - 1)  # [B, H]
+    row_start = (start[:, None, None] + np.arange(channels)[None, :, None]
+                 + rows[:, None, :] * (hw[:, 1, None, None] * channels))  # fmt: skip
+    return {"h_index": h_index, "h_weight": h_weight, "w_index": w_index, "w_weight": w_weight,
+            "row_start": torch.from_numpy(row_start)}
 
 
-def _resample_batch(x: torch.Tensor, dim: int, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    # int32 [B, C, H, W] -> int32 with index.shape[1] along `dim` (-1 or -2), each image its own taps
-    acc = torch.full((), 1 << (_PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
-    # [B, out, K] -> along W [B, 1, 1, out, K], along H [B, 1, out, 1, K]: broadcast over the other axes
-    index, weight = (t[:, None, None] if dim == -1 else t[:, None, :, None] for t in (index, weight))
-    for k in range(index.shape[-1]):
-        acc = acc + torch.take_along_dim(x, index[..., k], dim=dim) * weight[..., k]
-    return (acc >> _PRECISION_BITS).clamp_(0, 255)
+_HALF = 1 << (_PRECISION_BITS - 1)  # rounds the fixed-point sum to nearest
 
 
-def resize_batch_uint8(x: torch.Tensor, taps: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """uint8 [B, C, H, W] (image i in its top-left corner) -> uint8 [B, C, h, w] of `resize_taps`: every
-    image resized (and flipped) as `resize_pil` would, bit for bit, with zeros outside it.
+def resize_batch_uint8(flat: torch.Tensor, taps: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Decoded uint8 HWC images back to back in one flat buffer (`collate_unresized`) -> uint8
+    [B, C, h, w] of `resize_taps`: every image resized (and flipped) as `resize_pil` would, bit for bit,
+    with zeros outside it.
 
     One set of kernels for the whole batch, whatever the sizes in it (`resize_uint8` on a run of one size
-    each would launch a set per size: a batch of COCO images has dozens). Both passes always run; a pass
-    to the same size has one tap of weight 1.0, so it changes nothing, as Pillow skipping it.
+    each would launch a set per size: a batch of COCO images has dozens), and no padded or transposed
+    copy of the images on the host (HWC is how decoders lay pixels out): the horizontal pass reads each
+    image where it lies in the buffer and writes channels first. Both passes
+    always run; a pass to the same size has one tap of weight 1.0, so it changes nothing, as Pillow
+    skipping it does.
     """
-    if x.dtype != torch.uint8 or x.ndim != 4:
-        raise ValueError(f"resize_batch_uint8 needs a uint8 [B, C, H, W] batch, got {x.dtype} "
-                         f"{tuple(x.shape)}")
-    y = _resample_batch(x.to(torch.int32), -1, taps["w_index"], taps["w_weight"])
-    return _resample_batch(y, -2, taps["h_index"], taps["h_weight"]).to(torch.uint8)
+    if flat.dtype != torch.uint8 or flat.ndim != 1:
+        raise ValueError(f"resize_batch_uint8 needs a flat uint8 buffer, got {flat.dtype} "
+                         f"{tuple(flat.shape)}")
+    source = flat.to(torch.int32)
+    row_start = taps["row_start"][..., None]  # [B, C, H, 1]
+    channels = row_start.shape[1]
+    index, weight = taps["w_index"][:, None, None] * channels, taps["w_weight"][:, None, None]  # [B,1,1,w,K]
+    acc = torch.full((), _HALF, dtype=torch.int32, device=flat.device)
+    for k in range(index.shape[-1]):
+        acc = acc + torch.take(source, row_start + index[..., k]) * weight[..., k]
+    y = (acc >> _PRECISION_BITS).clamp_(0, 255)  # [B, C, H, w]: rounded to 8 bits between the passes
+    index, weight = taps["h_index"][:, None, :, None], taps["h_weight"][:, None, :, None]  # [B, 1, h, 1, K]
+    acc = torch.full((), _HALF, dtype=torch.int32, device=flat.device)
+    for k in range(index.shape[-1]):
+        acc = acc + torch.take_along_dim(y, index[..., k], dim=-2) * weight[..., k]
+    return (acc >> _PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -860,17 +879,19 @@ def _transform_boxes(boxes: torch.Tensor, sx: float, sy: float, flip_width: int 
 # Batching
 
 
-def batch_buffer(shape: Sequence[int], dtype: torch.dtype, fill: float = 0) -> torch.Tensor:
-    """A tensor full of `fill` to collate into; in a loader worker, in shared memory, as torch's
-    default_collate makes its batches: handing it to the main process then copies nothing (a batch made in
-    private memory is copied into shared memory on its way), and fresh shared pages are already zero."""
+def batch_buffer(shape: Sequence[int], dtype: torch.dtype, fill: float | None = 0) -> torch.Tensor:
+    """A tensor full of `fill` (None: to be overwritten whole) to collate into; in a loader worker, in
+    shared memory, as torch's default_collate makes its batches: handing it to the main process then
+    copies nothing (a batch made in private memory is copied into shared memory on its way), and fresh
+    shared pages are already zero."""
     from torch.utils.data import get_worker_info
 
+    shape = tuple(int(n) for n in shape)
     if get_worker_info() is None:
-        return torch.full(tuple(shape), fill, dtype=dtype)
+        return torch.empty(shape, dtype=dtype) if fill is None else torch.full(shape, fill, dtype=dtype)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    out = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, tuple(shape))
-    return out.fill_(fill) if fill != 0 else out
+    out = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
+    return out.fill_(fill) if fill else out
 
 
 def collate_images(
@@ -912,9 +933,18 @@ def collate_unresized(
     size_divisibility: int = 32,
 ) -> dict[str, Any]:
     """`unresized` images -> what `collate_images` gives of the resized ones, with the resize left to do:
-    `images` (uint8, each decoded image top-left, padded), `resize_taps` (for `resize_batch_uint8`, whose
-    output has the padded size of the resized batch), `pixel_mask` and `image_sizes` of the resized images."""
-    images = collate_images(tensors, size_divisibility=1)[0]
+    `raw_pixels` (uint8, the decoded images back to back, each HWC: one plain copy each, no padding, and
+    none at all for the copy a decoder's HWC buffer would need to become CHW), `resize_taps` (for
+    `resize_batch_uint8`, whose output has the padded size of the resized batch), `pixel_mask` and
+    `image_sizes` of the resized images."""
+    if not tensors:
+        raise ValueError("collate_unresized needs at least one image")
+    for t in tensors:
+        if t.ndim != 3 or t.shape[0] != tensors[0].shape[0] or t.dtype != torch.uint8:
+            raise ValueError(f"collate_unresized: expected uint8 (C, H, W) images, got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    raw = batch_buffer((sum(t.numel() for t in tensors),), torch.uint8, fill=None)
+    torch.cat([t.permute(1, 2, 0).reshape(-1) for t in tensors], out=raw)  # a view of a decoder's buffer
     out_sizes = torch.tensor([[int(h), int(w)] for h, w in sizes], dtype=torch.long)
     hmax, wmax = (int(v) for v in out_sizes.max(dim=0).values)
     if size_divisibility > 1:
@@ -924,8 +954,8 @@ def collate_unresized(
     for i, (h, w) in enumerate(out_sizes.tolist()):
         mask[i, :h, :w] = True
     in_sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
-    taps = resize_taps(in_sizes, out_sizes.tolist(), (hmax, wmax), flipped)
-    return {"images": images, "resize_taps": taps, "pixel_mask": mask, "image_sizes": out_sizes}
+    taps = resize_taps(in_sizes, out_sizes.tolist(), (hmax, wmax), flipped, channels=int(tensors[0].shape[0]))
+    return {"raw_pixels": raw, "resize_taps": taps, "pixel_mask": mask, "image_sizes": out_sizes}
 
 
 def normalize_batch(

@@ -149,9 +149,10 @@ class VQAModule(pl.LightningModule):
         """The batch's images as the backbone takes them; a uint8 batch (data.normalize_on_device) is
         normalised here, on the batch's device, with the normalisation the loader recorded in it, after
         resizing where the loader left that to do (data.resize_on_device)."""
-        images = batch["images"]
-        if "resize_taps" in batch:
-            images = resize_batch_uint8(images, batch["resize_taps"])
+        if "raw_pixels" in batch:
+            images = resize_batch_uint8(batch["raw_pixels"], batch["resize_taps"])
+        else:
+            images = batch["images"]
         if images.dtype == torch.uint8:
             images = normalize_batch(images, batch["pixel_mask"], batch["pixel_norm"])
         if self.hparams.backbone.get("channels_last"):
