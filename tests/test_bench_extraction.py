@@ -124,7 +124,7 @@ def test_compute_part_takes_the_grid_runs_inputs_with_device_preprocessing(bench
     seen = []
 
     def spy(group, pipeline, device):
-        seen.append("pixels" in group)
+        seen.append("raw_pixels" in group)
         return real(group, pipeline, device)
 
     real = bench.model_input

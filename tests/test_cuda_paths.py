@@ -42,14 +42,17 @@ def test_uint8_batches_normalised_on_the_gpu_equal_the_workers_floats():
 def test_the_device_side_of_an_extraction_batch_never_waits_for_the_gpu():
     # Resize, normalisation and the start of the copy back are queued without a host sync, so a batch's
     # preparation does not wait for the forward of the batch before it (sizes seen once are cached).
-    from gridvqa.data.images import ResizeFixed
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from gridvqa.data.images import ResizeFixed, collate_unresized
+    from gridvqa.extraction import model_input
 
     pipeline = ImagePipeline(ResizeFixed(48, 64))
-    pixels = torch.randint(0, 256, (2, 3, 40, 50), dtype=torch.uint8).pin_memory()
-    sizes, orig = [(48, 64), (48, 64)], [(40, 50), (30, 50)]
+    images = [torch.randint(0, 256, (3, h, 50), dtype=torch.uint8) for h in (40, 30)]
+    group = pin_memory(collate_unresized(images, [(48, 64), (48, 64)]))  # as the loader hands it over
 
     def batch() -> None:
-        x = pipeline.prepare_batch(pixels.to("cuda", non_blocking=True), orig, sizes)
+        x = model_input(group, pipeline, torch.device("cuda"))
         HostGrids([x[0].permute(1, 2, 0), x[1].permute(1, 2, 0)], "float16")
 
     batch()  # the taps and constants reach the device once

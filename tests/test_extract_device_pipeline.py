@@ -1,6 +1,7 @@
-"""Resize + normalisation on the extraction device from uint8 (ImagePipeline.decode / prepare_batch and
-resize_uint8) against the loader-worker path (ImagePipeline.__call__ with Pillow): the same bytes, and the
-same feature files; the background writer thread gives the same file as writing in the loop."""
+"""Resize + normalisation on the extraction device from uint8 (decode_rgb, collate_extraction's groups
+through model_input, resize_uint8) against the loader-worker path (ImagePipeline.__call__ with Pillow):
+the same bytes, and the same feature files; the background writer thread gives the same file as writing
+in the loop."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from gridvqa.data.images import (
     ImagePipeline,
     ResizeFixed,
     ResizeShortest,
-    collate_images,
     resize_pil,
     resize_uint8,
 )
@@ -69,22 +69,25 @@ def test_one_axis_resizes_are_pillows_own_and_two_axes_within_one_level():
     [((50, 70), (47, 71), (60, 52)), ((50, 70), (50, 70), (47, 71), (50, 70), (50, 70), (50, 70))],
     ids=["all-different", "runs-of-one-size"],
 )
-def test_prepare_batch_equals_the_collated_worker_outputs(resize, shapes):
+def test_device_groups_equal_the_collated_worker_outputs(resize, shapes, tmp_path):
+    from gridvqa.extraction import ExtractionDataset, ImageItem, collate_extraction, model_input
+
     rng = np.random.default_rng(2)
     pipe = ImagePipeline(resize, "detectron2", std=(57.375, 57.120, 58.395))
-    images = [Image.fromarray(_random_image(rng, h, w)) for h, w in shapes]
-    worker = [pipe(im) for im in images]
-    want, _, sizes = collate_images([x for x, _, _ in worker])
-    pixels = [pipe.decode(im) for im in images]
-    batch = torch.zeros((len(shapes), 3, 60, 71), dtype=torch.uint8)
-    for i, p in enumerate(pixels):
-        batch[i, :, : p.shape[1], : p.shape[2]] = p
-    orig = [tuple(p.shape[1:]) for p in pixels]
-    got = pipe.prepare_batch(batch, orig, [info["size"] for _, _, info in worker])
-    assert got.shape == want.shape and sizes.tolist() == [list(info["size"]) for _, _, info in worker]
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # the same float ops on the same bytes
-    with pytest.raises(ValueError, match="flip"):
-        ImagePipeline(resize, hflip_prob=0.5).prepare_batch(batch, [(50, 70)] * 3, [(64, 90)] * 3)
+    items = []
+    for i, (h, w) in enumerate(shapes):  # lossless files: both paths decode exactly these bytes
+        Image.fromarray(_random_image(rng, h, w)).save(tmp_path / f"{i}.png")
+        items.append(ImageItem(i + 1, tmp_path / f"{i}.png"))
+    by_path = {}
+    for preprocess in ("workers", "device"):
+        ds = ExtractionDataset(items, pipe, preprocess)
+        by_path[preprocess] = collate_extraction([ds[i] for i in range(len(items))])["groups"]
+    assert [g["index"] for g in by_path["device"]] == [g["index"] for g in by_path["workers"]]
+    for want, group in zip(by_path["workers"], by_path["device"], strict=True):
+        assert "raw_pixels" in group and "images" not in group
+        got = model_input(group, pipe, torch.device("cpu"))
+        assert got.shape == want["images"].shape
+        torch.testing.assert_close(got, want["images"], rtol=0, atol=1e-5)  # the same float ops, same bytes
 
 
 def test_device_preprocessing_and_the_writer_thread_give_the_same_file(data, tmp_path):  # noqa: F811

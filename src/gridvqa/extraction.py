@@ -52,6 +52,9 @@ from gridvqa.data.images import (
     Resize,
     ResizeFixed,
     collate_images,
+    collate_unresized,
+    normalize_batch,
+    resize_batch_uint8,
     resize_text,
     resolve_image_spec,
 )
@@ -245,7 +248,8 @@ class ExtractionDataset(Dataset):
 
 def collate_extraction(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Unreadable images listed apart; readable ones in one group per padded shape: `images` (float,
-    padded to a multiple of 32) or, for device preprocessing, `pixels` (uint8 originals, padded)."""
+    padded to a multiple of 32) or, for device preprocessing, what `collate_unresized` makes of the decoded
+    images (`raw_pixels`, `resize_taps`, `pixel_mask`)."""
     out: dict[str, Any] = {"failed": [(b["index"], b["error"]) for b in batch if b["error"] is not None]}
     by_shape: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for b in batch:
@@ -260,9 +264,8 @@ def collate_extraction(batch: list[dict[str, Any]]) -> dict[str, Any]:
             "sizes": [tuple(int(v) for v in b["size"]) for b in group],
         }
         if "pixels" in group[0]:
-            # decoded images, top-left, zeros elsewhere: one copy to the device for the whole batch;
-            # `prepare_batch` reads each image's own rectangle only
-            g["pixels"] = collate_images([b["pixels"] for b in group], size_divisibility=1)[0]
+            g.update(collate_unresized([b["pixels"] for b in group], g["sizes"],
+                                       size_divisibility=SIZE_DIVISIBILITY))
         else:
             g["images"] = collate_images([b["image"] for b in group], size_divisibility=SIZE_DIVISIBILITY)[0]
         out["groups"].append(g)
@@ -271,11 +274,17 @@ def collate_extraction(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 def model_input(group: Mapping[str, Any], pipeline: ImagePipeline, device: torch.device) -> Tensor:
     """A collated group as the model's input batch on `device`: copied (non-blocking from pinned memory on
-    a GPU) and, for device preprocessing, resized and normalised there by the same pipeline."""
-    if "pixels" in group:
-        pixels = group["pixels"].to(device, non_blocking=True)
-        return pipeline.prepare_batch(pixels, group["orig_size"], group["sizes"], SIZE_DIVISIBILITY)
-    return group["images"].to(device, non_blocking=True)
+    a GPU) and, for device preprocessing, resized and normalised there as the pipeline would (the same
+    bytes, the same floats), the whole group in one set of kernels."""
+
+    def moved(t: Tensor) -> Tensor:
+        return t.to(device, non_blocking=True)
+
+    if "raw_pixels" in group:
+        taps = {k: moved(v) for k, v in group["resize_taps"].items()}
+        images = resize_batch_uint8(moved(group["raw_pixels"]), taps)
+        return normalize_batch(images, moved(group["pixel_mask"]), pipeline.normalization)
+    return moved(group["images"])
 
 
 def file_sha256(path: str | os.PathLike, n_hex: int = 16) -> str:

@@ -16,7 +16,6 @@ Only torch / torchvision / PIL / numpy here: datasets import this module in ever
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import math
 import os
@@ -757,9 +756,11 @@ class ImagePipeline:
     Order: resize (Pillow's antialiased bilinear) -> optional horizontal flip -> normalise. `rng`
     (random.Random or numpy Generator) makes the random short-side choice and the flip reproducible.
 
-    Two ways to run the same conversion: `__call__` on one image (in loader workers), or `decode` there
-    and `prepare_batch` on a padded uint8 batch on the model's device (extraction on a GPU); both resize
-    with the same 8-bit arithmetic (`resize_pil` / `resize_uint8`) and normalise with the same float ops.
+    Two ways to run the same conversion: `__call__` on one image (in loader workers), or `unresized` there
+    (`decode_rgb` / `decode` beforehand), `collate_unresized`, then `resize_batch_uint8` and
+    `normalize_batch` on the model's device (extraction and training on a GPU); both resize with the same
+    8-bit arithmetic (`resize_pil` / `resize_uint8` / `resize_batch_uint8`) and normalise with the same
+    float ops.
     With `normalize=False`, `__call__` stops before normalising and returns uint8 (a quarter of the bytes
     to move from the workers to the GPU); `normalize_batch` finishes the conversion where the batch is.
     """
@@ -789,7 +790,7 @@ class ImagePipeline:
 
     @staticmethod
     def decode(img: Image.Image) -> torch.Tensor:
-        """A decoded image as a uint8 RGB CHW tensor (what `prepare_batch` takes, padded into a batch)."""
+        """A decoded image as a uint8 RGB CHW tensor (a view of Pillow's HWC bytes)."""
         return TF.pil_to_tensor(img if img.mode == "RGB" else to_rgb(img))
 
     def __call__(
@@ -832,33 +833,6 @@ class ImagePipeline:
         flipped = self.hflip_prob > 0 and _uniform(rng) < self.hflip_prob
         info = {"orig_size": (h, w), "size": (nh, nw), "scale": (nh / h, nw / w), "flipped": bool(flipped)}
         return x, info
-
-    def prepare_batch(
-        self,
-        pixels: torch.Tensor,
-        orig_sizes: Sequence[tuple[int, int]],
-        sizes: Sequence[tuple[int, int]],
-        size_divisibility: int = 32,
-    ) -> torch.Tensor:
-        """uint8 [B, 3, H, W] (image i in its top-left orig_sizes[i]) -> the float batch `collate_images`
-        makes of `__call__`'s outputs: image i resized to sizes[i], normalised, zero-padded bottom/right
-        to a multiple of `size_divisibility`. Runs where `pixels` is (test time: no flip, no random size)."""
-        if self.hflip_prob > 0:
-            raise ValueError("prepare_batch is for test time: the pipeline must not flip (hflip_prob=0)")
-        hmax = max(h for h, _ in sizes)
-        wmax = max(w for _, w in sizes)
-        if size_divisibility > 1:
-            d = int(size_divisibility)
-            hmax, wmax = -(-hmax // d) * d, -(-wmax // d) * d
-        out = torch.zeros((len(sizes), 3, hmax, wmax), dtype=torch.float32, device=pixels.device)
-        shapes = [(tuple(o), tuple(s)) for o, s in zip(orig_sizes, sizes, strict=True)]
-        i = 0
-        # consecutive images of one size in one go: one set of kernels, not one each
-        for ((h0, w0), (h, w)), run in itertools.groupby(shapes):
-            j = i + len(list(run))
-            out[i:j, :, :h, :w] = self.normalization(resize_uint8(pixels[i:j, :, :h0, :w0], (h, w)))
-            i = j
-        return out
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         return self.normalization.denormalize(x)
