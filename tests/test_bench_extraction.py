@@ -180,3 +180,22 @@ def test_grid_to_host_overflow_is_still_refused_by_the_writer(tmp_path):
     assert host.dtype == np.float32  # handed over uncast, so the writer's own check applies
     with pytest.raises(ValueError, match="overflow float16"):
         _stored(tmp_path / "g.h5", host)
+
+
+def test_grid_variants_time_the_grid_row_with_each_setting_changed(bench, tmp_path, monkeypatch):
+    backgrounds = []
+    real = bench.FeatureWriter
+
+    def spy(*a, **kw):
+        backgrounds.append(kw.get("background"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bench, "FeatureWriter", spy)
+    record = run(bench, tmp_path, "--images", "3", "--workers", "0", "--proposals", "--grid-variant",
+                 "writer_thread=false", "--grid-variant", "batch_size=2,num_workers=1")
+    variants = record["grid_variants"]
+    assert list(variants) == ["writer_thread=false", "batch_size=2,num_workers=1"]
+    assert all(r["images"] == 3 and r["images_per_s"] > 0 for r in variants.values())
+    # the grid row with its thread (then the writer part's own), the variant without, the other with it
+    assert backgrounds[0] is True and backgrounds[-2:] == [False, True]
+    assert "grid_variants" not in record["results"]  # not an extraction kind of its own

@@ -91,9 +91,15 @@ def make_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> N
 
 
 def compose_cfg(
-    args: argparse.Namespace, folder: Path, kind: str, proposals: int = 1000, precision: str | None = None
+    args: argparse.Namespace,
+    folder: Path,
+    kind: str,
+    proposals: int = 1000,
+    precision: str | None = None,
+    extra: Sequence[str] = (),
 ):
-    """conf/extract.yaml as `python -m gridvqa.extract` composes it, set to this benchmark's sizes."""
+    """conf/extract.yaml as `python -m gridvqa.extract` composes it, set to this benchmark's sizes (then
+    --extract-override, then `extra`)."""
     overrides = [
         f"kind={kind}",
         "weights=random",
@@ -113,8 +119,10 @@ def compose_cfg(
         f"region.proposals={proposals}",
         "progress=false",
         *args.extract_override,
+        *extra,
     ]
-    return compose_config("extract", overrides)
+    last = {o.split("=", 1)[0]: i for i, o in enumerate(overrides)}  # Hydra refuses a key given twice
+    return compose_config("extract", [o for i, o in enumerate(overrides) if last[o.split("=", 1)[0]] == i])
 
 
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -134,8 +142,15 @@ class Bench:
     models: dict[tuple, tuple[Any, dict]] = field(default_factory=dict)
     decoded: list[dict] = field(default_factory=list)  # ExtractionDataset items, in order
 
-    def cfg(self, kind: str, precision: str, proposals: int = 1000, batch: int | None = None):
-        cfg = compose_cfg(self.args, self.folder, kind, proposals, precision)
+    def cfg(
+        self,
+        kind: str,
+        precision: str,
+        proposals: int = 1000,
+        batch: int | None = None,
+        extra: Sequence[str] = (),
+    ):
+        cfg = compose_cfg(self.args, self.folder, kind, proposals, precision, extra)
         if batch is not None:
             cfg.batch_size = batch
         return cfg
@@ -482,6 +497,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="more overrides of conf/extract.yaml for every row (e.g. channels_last=false)",
     )
+    p.add_argument(
+        "--grid-variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="also time the grid row with these overrides of conf/extract.yaml, at the first precision "
+        "(repeatable; e.g. writer_thread=false, num_workers=12): which setting the pipeline waits on",
+    )
     p.add_argument("--flops", action="store_true", help="also count GFLOPs per image (one more forward each)")
     p.add_argument(
         "--breakdown",
@@ -546,6 +569,13 @@ def measure_precision(bench: Bench, precision: str, breakdown: bool) -> dict[str
                 parts["backbone_no_tf32"] = time_backbone(bench, precision, int(results["backbone"]["batch"]))
             _report("backbone, TF32 off", parts["backbone_no_tf32"])
         out["breakdown"] = parts
+    if args.grid_variant and breakdown:
+        print("  the grid row with other settings (same images):")
+        out["grid_variants"] = {}
+        for variant in args.grid_variant:
+            row = time_extraction(bench, bench.cfg("grid", precision, extra=variant.split(",")))
+            out["grid_variants"][variant] = row
+            _report(f"grid, {variant}", row, indent=4)
     if args.profile and breakdown:
         out["profile"] = profile_extraction(bench, grid_cfg)
         _print_profile(out["profile"])
@@ -589,6 +619,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "results": first["results"],
         "breakdown": first.get("breakdown", {}),
         "profile": first.get("profile"),
+        "grid_variants": first.get("grid_variants"),
         "precisions": precisions,
         "options": options,
     }
@@ -676,6 +707,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         record["breakdown"] = measured["breakdown"]
     if measured["profile"]:
         record["profile"] = measured["profile"]
+    if measured["grid_variants"]:  # apart from "results", as the breakdown: not an extraction kind
+        record["grid_variants"] = measured["grid_variants"]
     record["precisions"] = measured["precisions"]
     record["ratios"] = ratios(record)
     print_ratios(args, record)

@@ -49,13 +49,19 @@ TRAINING_ROWS = {
     "rest": "rest of the step (Lightning, glue)",
 }
 
+# the grid row again with one setting changed each (beside the goals): what the pipeline waits on
+GRID_VARIANTS = [
+    "writer_thread=false", "num_workers=4", "num_workers=12", "batch_size=16", "preprocess=workers",
+]  # fmt: skip
 FULL_EXTRACTION = [
     "--size", "600", "1000", "--batch", "8", "--backbone-batches", "1", "4", "8", "16",
     "--workers", "8", "--precision", "float32", "bfloat16", "--profile",
+    *(arg for v in GRID_VARIANTS for arg in ("--grid-variant", v)),
 ]  # fmt: skip
 QUICK_EXTRACTION = [
     "--arch", "R-tiny", "--size", "64", "96", "--images", "3", "--batch", "2", "--backbone-batches", "1", "2",
     "--workers", "1", "--precision", "float32", "bfloat16", "--profile",
+    "--grid-variant", "writer_thread=false",
 ]  # fmt: skip
 FULL_TRAINING = [
     "--make-data", "--batches", "8", "--repeats", "3", "--precision", "32-true", "bf16-mixed",
@@ -205,6 +211,10 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         if unfolded is not None:  # timed at the first precision, beside that precision's rows
             label = f"backbone, BN not folded ({record['args']['arch']})"
             rows.append(_row(part, label, record["args"]["precision"][0], unfolded["images_per_s"], unfolded))
+        for variant, r in (record.get("grid_variants") or {}).items():  # at the first precision
+            label = f"grid, {variant}, after start-up ({record['args']['arch']})"
+            rate = r.get("after_startup_images_per_s") or r["images_per_s"]
+            rows.append(_row(part, label, record["args"]["precision"][0], rate, r))
         strict = (record.get("breakdown") or {}).get("backbone_no_tf32")
         if strict is not None:
             label = f"backbone, TF32 off ({record['args']['arch']})"
