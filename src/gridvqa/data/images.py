@@ -456,9 +456,9 @@ def resize_batch_uint8(flat: torch.Tensor, taps: Mapping[str, torch.Tensor]) -> 
     One set of kernels for the whole batch, whatever the sizes in it (`resize_uint8` on a run of one size
     each would launch a set per size: a batch of COCO images has dozens), and no padded or transposed
     copy of the images on the host (HWC is how decoders lay pixels out): the horizontal pass reads each
-    image where it lies in the buffer and writes channels first. Both passes
-    always run; a pass to the same size has one tap of weight 1.0, so it changes nothing, as Pillow
-    skipping it does.
+    image where it lies in the buffer and writes channels first. Both passes always run; a pass to the
+    same size has one tap of weight 1.0, so it changes nothing, as Pillow skipping it does. The sums fit
+    int32 as in Pillow's C: 255 times weights that add up to 2**22.
     """
     if flat.dtype != torch.uint8 or flat.ndim != 1:
         raise ValueError(f"resize_batch_uint8 needs a flat uint8 buffer, got {flat.dtype} "
