@@ -155,3 +155,23 @@ def test_batches_collated_in_a_worker_are_made_in_shared_memory_with_the_same_va
         assert torch.equal(got, want)  # the padding zero as in private memory
     assert torch.equal(got_raw["raw_pixels"], want_raw["raw_pixels"])
     assert torch.equal(got_raw["pixel_mask"], want_raw["pixel_mask"])
+
+
+def test_a_training_run_resizing_on_the_device_learns_the_same_weights(tiny_shapes, tmp_path):
+    # the real entry point (Hydra config, Lightning fit, a loader worker): bit-identical pixels either way,
+    # so the same seed trains the same weights
+    from gridvqa.models.safe_load import load_torch_file
+    from test_loggers import run_short
+
+    weights = {}
+    for on_device in (False, True):
+        out = tmp_path / str(on_device)
+        run_short(tiny_shapes, out, [f"data.resize_on_device={str(on_device).lower()}", "data.num_workers=1",
+                                     "data.normalize_on_device=false"])
+        (published,) = (out / "artifacts").rglob("model.ckpt")
+        ckpt = load_torch_file(published)
+        assert ckpt["datamodule_hyper_parameters"]["resize_on_device"] is on_device
+        weights[on_device] = ckpt["state_dict"]
+    assert weights[False].keys() == weights[True].keys() and len(weights[True]) > 10
+    for key, value in weights[False].items():
+        assert torch.equal(weights[True][key], value), key
