@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gridvqa.benchmarks import gpu_check
+from gridvqa.benchmarks.extraction import MEMORY_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
@@ -150,6 +151,9 @@ def test_quick_cpu_run_writes_every_row_and_ratio(tmp_path):
     for part in ("extraction_x152", "extraction_r50"):  # BN folding's gain, beside the folded backbone
         assert (part, "backbone, BN not folded (R-tiny)", "float32") in rows
         assert (part, "grid, writer_thread=false, after start-up (R-tiny)", "float32") in rows
+        assert (part, "writer alone (R-tiny)", "float32") in rows
+        in_ram = (part, "writer alone, into RAM (R-tiny)", "float32") in rows
+        assert in_ram == MEMORY_DIR.is_dir()  # /dev/shm: on any Linux
     assert ("training_r50_448", "training step (Lightning fit)", "32-true") in rows
     for workers in (1, 2):  # the goal's loader (the config's workers) and the one with more, beside it
         assert ("training_r50_448", f"data loader alone, {workers} workers, after start-up", "–") in rows
@@ -158,7 +162,8 @@ def test_quick_cpu_run_writes_every_row_and_ratio(tmp_path):
     assert ("training_r50_448", other, "–") in rows
     assert ("training_r50_448", "pixels: resize / normalise on the device (in the step)", "32-true") in rows
     assert all(r["peak_memory_mb"] is None for r in summary["rows"])  # a CPU: no device memory
-    assert md.count("\n| extraction_x152 |") == 8 and "| part | row | precision | images/s | peak MiB |" in md
+    assert md.count("\n| extraction_x152 |") == 9 + MEMORY_DIR.is_dir()
+    assert "| part | row | precision | images/s | peak MiB |" in md
     # the profiled grid runs: where the host's time went (no device busy time on a CPU)
     assert set(summary["profiles"]) == {"extraction_x152", "extraction_r50"}
     for part, p in summary["profiles"].items():

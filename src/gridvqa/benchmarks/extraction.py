@@ -412,6 +412,9 @@ def time_compute(bench: Bench, cfg) -> dict:
     return row
 
 
+MEMORY_DIR = Path("/dev/shm")  # a RAM-backed folder on Linux
+
+
 def time_writer(grid_file: Path, images: int, commit_images: int, folder: Path) -> dict:
     """The FeatureWriter alone: `images` maps of the grid file's shape and dtype (what grid_to_host hands
     it), committed every `commit_images` and at the end as extract() does; close timed apart."""
@@ -554,9 +557,14 @@ def measure_precision(bench: Bench, precision: str, breakdown: bool) -> dict[str
                 Path(grid_cfg.output), args.images, int(grid_cfg.commit_images), bench.folder
             ),
         }
+        if MEMORY_DIR.is_dir():  # the same writer into RAM (tmpfs): what the disk costs it
+            with tempfile.TemporaryDirectory(prefix="bench_writer_", dir=MEMORY_DIR) as tmp:
+                parts["writer_in_memory"] = time_writer(
+                    Path(grid_cfg.output), args.images, int(grid_cfg.commit_images), Path(tmp)
+                )
         print("  where the grid run's time goes (same images and settings):")
         for name, r in parts.items():
-            _report(name, r, indent=4)
+            _report(name.replace("_", " "), r, indent=4)
         if grid_cfg.get("fold_bn"):  # what folding the BNs buys: the bare backbone without it
             parts["backbone_bn_unfolded"] = time_backbone(
                 bench, precision, int(results["backbone"]["batch"]), fold_bn=False
@@ -686,9 +694,10 @@ def print_ratios(args: argparse.Namespace, record: dict[str, Any]) -> None:
         if r.get("bn_folding_speedup") is not None:
             print(f"BN folding: bare backbone {r['bn_folding_speedup']:.2f}x the throughput without it "
                   f"({ms['backbone_bn_unfolded']:.1f} ms per image unfolded)")
+        in_ram = f" ({ms['writer_in_memory']:.1f} ms into RAM)" if "writer_in_memory" in ms else ""
         print(
             f"per image: compute {ms['compute']:.1f} ms (main thread), writer {ms['writer']:.1f} ms (its own "
-            f"thread), loader {ms['loader']:.1f} ms (its workers), side by side; "
+            f"thread){in_ram}, loader {ms['loader']:.1f} ms (its workers), side by side; "
             f"grid run {1000 * grid_t:.1f} ms"
         )
 

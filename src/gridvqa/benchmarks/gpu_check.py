@@ -211,6 +211,11 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         if unfolded is not None:  # timed at the first precision, beside that precision's rows
             label = f"backbone, BN not folded ({record['args']['arch']})"
             rows.append(_row(part, label, record["args"]["precision"][0], unfolded["images_per_s"], unfolded))
+        first = record.get("args", {}).get("precision", ["float32"])[0]
+        for key, label in (("writer", "writer alone"), ("writer_in_memory", "writer alone, into RAM")):
+            r = (record.get("breakdown") or {}).get(key)
+            if r is not None:  # the grid file's maps, as many: the disk's share of the writer's time
+                rows.append(_row(part, f"{label} ({record['args']['arch']})", first, r["images_per_s"], r))
         for variant, r in (record.get("grid_variants") or {}).items():  # at the first precision
             label = f"grid, {variant}, after start-up ({record['args']['arch']})"
             rate = r.get("after_startup_images_per_s") or r["images_per_s"]
