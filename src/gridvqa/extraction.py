@@ -230,13 +230,12 @@ class ExtractionDataset(Dataset):
         item = self.items[i]
         try:
             if self.preprocess == "device":
-                pixels = decode_rgb(item.path)
-                h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
-                nh, nw = self.pipeline.resize.output_size(h, w)
+                pixels, info = self.pipeline.unresized(decode_rgb(item.path))
+                nh, nw = info["size"]
                 if min(nh, nw) <= 0:
                     raise ValueError(f"resize: output size must be positive, got {nh}x{nw}")
-                return {"index": i, "pixels": pixels, "size": (nh, nw), "orig_size": (h, w),
-                        "scale": (nh / h, nw / w), "error": None}
+                return {"index": i, "pixels": pixels, "size": (nh, nw), "orig_size": info["orig_size"],
+                        "scale": info["scale"], "error": None}
             x, _, info = self.pipeline(load_image(item.path))
         except ImageError as e:
             return {"index": i, "error": e.reason}

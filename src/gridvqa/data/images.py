@@ -324,6 +324,7 @@ def resize_pil(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img
 
 
+@functools.lru_cache(maxsize=4096)
 def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Source indices [out, K] and fixed-point weights [out, K] of Pillow's bilinear resampling along one
     axis: the double-precision steps of Resample.c (precompute_coeffs, normalize_coeffs_8bpc) in the same
@@ -395,13 +396,10 @@ def resize_uint8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return y.to(torch.uint8)
 
 
-_cached_taps = functools.lru_cache(maxsize=4096)(_bilinear_taps)
-
-
 def _stacked_taps(
     in_sizes: Sequence[int], out_sizes: Sequence[int], padded: int, reverse: Sequence[bool]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    per_image = [_cached_taps(int(i), int(o)) for i, o in zip(in_sizes, out_sizes, strict=True)]
+    per_image = [_bilinear_taps(int(i), int(o)) for i, o in zip(in_sizes, out_sizes, strict=True)]
     k = max(ix.shape[1] for ix, _ in per_image)
     # padding: index 0 with weight 0 (an output of 0); fewer taps: weight-0 taps at the end
     index = np.zeros((len(per_image), padded, k), dtype=np.int64)
@@ -868,6 +866,13 @@ def batch_buffer(shape: Sequence[int], dtype: torch.dtype, fill: float | None = 
     return out.fill_(fill) if fill else out
 
 
+def _padded_size(sizes: torch.Tensor, size_divisibility: int) -> tuple[int, int]:
+    """(h, w) of a batch of images of `sizes` [B, 2], rounded up to a multiple of `size_divisibility`."""
+    hmax, wmax = (int(v) for v in sizes.max(dim=0).values)
+    d = max(1, int(size_divisibility))
+    return -(-hmax // d) * d, -(-wmax // d) * d
+
+
 def collate_images(
     tensors: Sequence[torch.Tensor], size_divisibility: int = 32, pad_value: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -883,10 +888,7 @@ def collate_images(
         if t.ndim != 3 or t.shape[0] != c:
             raise ValueError(f"collate_images: expected ({c}, H, W) tensors, got {tuple(t.shape)}")
     sizes = torch.tensor([[int(t.shape[-2]), int(t.shape[-1])] for t in tensors], dtype=torch.long)
-    hmax, wmax = (int(v) for v in sizes.max(dim=0).values)
-    if size_divisibility > 1:
-        d = int(size_divisibility)
-        hmax, wmax = -(-hmax // d) * d, -(-wmax // d) * d
+    hmax, wmax = _padded_size(sizes, size_divisibility)
     if tensors[0].device.type == "cpu":
         batch = batch_buffer((len(tensors), c, hmax, wmax), tensors[0].dtype, pad_value)
         mask = batch_buffer((len(tensors), hmax, wmax), torch.bool)
@@ -920,10 +922,7 @@ def collate_unresized(
     raw = batch_buffer((sum(t.numel() for t in tensors),), torch.uint8, fill=None)
     torch.cat([t.permute(1, 2, 0).reshape(-1) for t in tensors], out=raw)  # a view of a decoder's buffer
     out_sizes = torch.tensor([[int(h), int(w)] for h, w in sizes], dtype=torch.long)
-    hmax, wmax = (int(v) for v in out_sizes.max(dim=0).values)
-    if size_divisibility > 1:
-        d = int(size_divisibility)
-        hmax, wmax = -(-hmax // d) * d, -(-wmax // d) * d
+    hmax, wmax = _padded_size(out_sizes, size_divisibility)
     mask = batch_buffer((len(sizes), hmax, wmax), torch.bool)
     for i, (h, w) in enumerate(out_sizes.tolist()):
         mask[i, :h, :w] = True
