@@ -204,3 +204,18 @@ def test_grid_variants_time_the_grid_row_with_each_setting_changed(bench, tmp_pa
     # the grid row with its thread (then the writer part's own), the variant without, the other with it
     assert backgrounds[0] is True and backgrounds[-2:] == [False, True]
     assert "grid_variants" not in record["results"]  # not an extraction kind of its own
+
+
+def test_pinned_host_delta_counts_new_blocks_and_their_microseconds():
+    from gridvqa.benchmarks.common import pinned_host_allocs, pinned_host_delta, pinned_host_stats
+
+    before = {"num_host_alloc": 1.0, "host_alloc_time.total": 50_000.0}
+    after = {"num_host_alloc": 4.0, "host_alloc_time.total": 200_000.0}
+    assert pinned_host_delta(before, after) == {"pinned_allocs": 3.0, "pinned_alloc_seconds": 0.15}
+    assert pinned_host_delta(before, {"num_host_alloc": 1.0}) == {"pinned_allocs": 0.0}
+    assert pinned_host_delta(None, after) == {} and pinned_host_delta(before, None) == {}
+    cpu = torch.device("cpu")
+    assert pinned_host_stats(cpu) is None
+    with pinned_host_allocs(cpu) as row:
+        torch.empty(1024)
+    assert row == {}

@@ -84,3 +84,12 @@ def test_a_batch_resized_on_the_gpu_is_the_cpus_and_never_waits():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(got.cpu(), want)
+
+
+def test_pinned_host_allocs_count_a_new_page_locked_block():
+    from gridvqa.benchmarks.common import pinned_host_allocs
+
+    with pinned_host_allocs(torch.device("cuda")) as row:
+        block = torch.empty((96 << 20) + 1, dtype=torch.uint8, pin_memory=True)  # a size not cached yet
+    assert block.is_pinned()
+    assert row["pinned_allocs"] >= 1 and row["pinned_alloc_seconds"] > 0

@@ -37,6 +37,8 @@ def _extraction_record(grid: float, after: float | None, region: float | None, b
         ratios["region@1000_over_grid"] = region
     return {
         "args": {"arch": "X-152-32x8d", "precision": ["float32", "bfloat16"]},
+        # what a CUDA run's grid rows carry: the page-locked host blocks the run had to create
+        "precisions": {"float32": {"results": {"grid": {"pinned_allocs": 40, "pinned_alloc_seconds": 0.31}}}},
         "ratios": {
             "float32": ratios,
             "bfloat16": ratios,
@@ -63,6 +65,8 @@ def test_extraction_goals_judge_each_ratio_against_its_target():
     g = by_name["grid / bare backbone images/s, X-152-32x8d, float32"]
     # judged after the loader's start-up (paid once per file), the whole-run figure kept in the note
     assert g["value"] == 0.9 and g["pass"] is True and "0.50" in g["note"]
+    assert "0.31 s of it page-locking new host memory" in g["note"]
+    assert "page-locking" not in by_name["grid / bare backbone images/s, X-152-32x8d, bfloat16"]["note"]
     assert by_name["region@1000 / grid time per image, X-152-32x8d, bfloat16"]["pass"] is True
     assert by_name["bfloat16 / float32 grid images/s, X-152-32x8d"]["pass"] is False
     assert by_name["bfloat16 / float32 backbone images/s, X-152-32x8d"]["pass"] is True

@@ -81,6 +81,41 @@ def timed_row(device: torch.device, images: int) -> Iterator[dict[str, Any]]:
     row["peak_memory_mb"] = peak.mb
 
 
+# torch's caching allocator of page-locked host memory: blocks it creates (cudaHostAlloc), and their time
+PINNED_KEYS = {"num_host_alloc": "pinned_allocs", "host_alloc_time.total": "pinned_alloc_seconds"}
+
+
+def pinned_host_stats(device: torch.device) -> dict[str, float] | None:
+    """torch.cuda.host_memory_stats()' allocation counters now; None off CUDA or where torch lacks them."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if device.type != "cuda" or stats is None:
+        return None
+    return {k: float(v) for k, v in stats().items() if k in PINNED_KEYS}
+
+
+def pinned_host_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float]:
+    """What a block cost in new page-locked host blocks: {pinned_allocs, pinned_alloc_seconds}, {} when
+    not counted. A block the allocator already cached costs nothing; a new one is a page-locking call
+    (pinned loader batches, the grid maps' copies to the host) whose time a long run pays once."""
+    if before is None or after is None:
+        return {}
+    out = {}
+    for key, name in PINNED_KEYS.items():
+        if key in before and key in after:
+            scale = 1e-6 if key.endswith("time.total") else 1.0  # microseconds
+            out[name] = (after[key] - before[key]) * scale
+    return out
+
+
+@contextmanager
+def pinned_host_allocs(device: torch.device) -> Iterator[dict[str, float]]:
+    """A dict filled in when the block ends with `pinned_host_delta` of the block (empty off CUDA)."""
+    row: dict[str, float] = {}
+    before = pinned_host_stats(device)
+    yield row
+    row.update(pinned_host_delta(before, pinned_host_stats(device)))
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """The machine a figure was taken on."""
     env: dict[str, Any] = {

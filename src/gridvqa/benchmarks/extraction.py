@@ -49,6 +49,7 @@ from gridvqa.benchmarks.common import (
     PeakMemory,
     device_name,
     environment,
+    pinned_host_allocs,
     ratio,
     sync,
     timed_row,
@@ -265,6 +266,7 @@ def time_extraction(bench: Bench, cfg) -> dict:
     try:
         with (
             PeakMemory(bench.device) as peak,
+            pinned_host_allocs(bench.device) as pinned,
             FeatureWriter(cfg.output, model.kind, prov, dtype=cfg.dtype, overwrite=True,
                           background=bool(cfg.get("writer_thread", True))) as writer,
         ):
@@ -287,7 +289,7 @@ def time_extraction(bench: Bench, cfg) -> dict:
         "close_seconds": time.perf_counter() - closing,
         "peak_memory_mb": peak.mb,
     }
-    out |= _after_startup(done_at, int(cfg.num_workers))
+    out |= pinned | _after_startup(done_at, int(cfg.num_workers))
     if regions:
         out["res5_regions_per_image"] = sum(regions) / s.done_now
         with RegionFeatures(cfg.output) as r:
@@ -376,10 +378,11 @@ def time_loader(bench: Bench, cfg) -> dict:
     )
     images, first, first_images = 0, None, 0
     start = time.perf_counter()
-    for batch in loader:  # iter() starts the workers, inside the timed region as in extract()
-        images += sum(len(g["index"]) for g in batch["groups"])
-        if first is None:
-            first, first_images = time.perf_counter() - start, images
+    with pinned_host_allocs(bench.device) as pinned:
+        for batch in loader:  # iter() starts the workers, inside the timed region as in extract()
+            images += sum(len(g["index"]) for g in batch["groups"])
+            if first is None:
+                first, first_images = time.perf_counter() - start, images
     seconds = time.perf_counter() - start
     steady = (images - first_images) / (seconds - first) if first is not None and seconds > first else 0.0
     return {
@@ -389,7 +392,7 @@ def time_loader(bench: Bench, cfg) -> dict:
         "startup_seconds": first or 0.0,  # worker start-up + the first batch
         "after_startup_images_per_s": steady,
         "peak_memory_mb": None,  # no device work
-    }
+    } | pinned
 
 
 def time_compute(bench: Bench, cfg) -> dict:
@@ -753,6 +756,9 @@ def _report(name: str, r: dict, indent: int = 2) -> None:
         )
     if "close_seconds" in r:
         notes.append(f"close +{r['close_seconds']:.2f} s, not counted")
+    if r.get("pinned_allocs"):
+        seconds = r.get("pinned_alloc_seconds", 0.0)
+        notes.append(f"{r['pinned_allocs']:.0f} new pinned host blocks, {seconds:.2f} s page-locking")
     if r.get("peak_memory_mb") is not None:
         notes.append(f"peak {r['peak_memory_mb']:.0f} MiB")
     extra = f"  ({'; '.join(notes)})" if notes else ""
