@@ -82,7 +82,11 @@ def timed_row(device: torch.device, images: int) -> Iterator[dict[str, Any]]:
 
 
 # torch's caching allocator of page-locked host memory: blocks it creates (cudaHostAlloc), and their time
-PINNED_KEYS = {"num_host_alloc": "pinned_allocs", "host_alloc_time.total": "pinned_alloc_seconds"}
+# (microseconds): counter -> (our name, scale)
+PINNED_KEYS = {
+    "num_host_alloc": ("pinned_allocs", 1.0),
+    "host_alloc_time.total": ("pinned_alloc_seconds", 1e-6),
+}
 
 
 def pinned_host_stats(device: torch.device) -> dict[str, float] | None:
@@ -100,9 +104,8 @@ def pinned_host_delta(before: dict[str, float] | None, after: dict[str, float] |
     if before is None or after is None:
         return {}
     out = {}
-    for key, name in PINNED_KEYS.items():
+    for key, (name, scale) in PINNED_KEYS.items():
         if key in before and key in after:
-            scale = 1e-6 if key.endswith("time.total") else 1.0  # microseconds
             out[name] = (after[key] - before[key]) * scale
     return out
 

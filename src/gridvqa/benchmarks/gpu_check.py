@@ -211,20 +211,22 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 for name, label in TRAINING_ROWS.items():
                     r = p["rows"][name]
                     rows.append(_row(part, label, precision, r["images_per_s"], r))
-        unfolded = (record.get("breakdown") or {}).get("backbone_bn_unfolded")
-        if unfolded is not None:  # timed at the first precision, beside that precision's rows
-            label = f"backbone, BN not folded ({record['args']['arch']})"
-            rows.append(_row(part, label, record["args"]["precision"][0], unfolded["images_per_s"], unfolded))
+        # the breakdown and the grid variants are timed at the first precision, beside its rows
+        breakdown = record.get("breakdown") or {}
         first = record.get("args", {}).get("precision", ["float32"])[0]
+        unfolded = breakdown.get("backbone_bn_unfolded")
+        if unfolded is not None:
+            label = f"backbone, BN not folded ({record['args']['arch']})"
+            rows.append(_row(part, label, first, unfolded["images_per_s"], unfolded))
         for key, label in (("writer", "writer alone"), ("writer_in_memory", "writer alone, into RAM")):
-            r = (record.get("breakdown") or {}).get(key)
+            r = breakdown.get(key)
             if r is not None:  # the grid file's maps, as many: the disk's share of the writer's time
                 rows.append(_row(part, f"{label} ({record['args']['arch']})", first, r["images_per_s"], r))
-        for variant, r in (record.get("grid_variants") or {}).items():  # at the first precision
+        for variant, r in (record.get("grid_variants") or {}).items():
             label = f"grid, {variant}, after start-up ({record['args']['arch']})"
             rate = r.get("after_startup_images_per_s") or r["images_per_s"]
-            rows.append(_row(part, label, record["args"]["precision"][0], rate, r))
-        strict = (record.get("breakdown") or {}).get("backbone_no_tf32")
+            rows.append(_row(part, label, first, rate, r))
+        strict = breakdown.get("backbone_no_tf32")
         if strict is not None:
             label = f"backbone, TF32 off ({record['args']['arch']})"
             rows.append(_row(part, label, "float32", strict["images_per_s"], strict))
